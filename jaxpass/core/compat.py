@@ -1,0 +1,299 @@
+"""The one module that touches JAX internals.
+
+Everything else in jaxpass reads jaxprs through the small vocabulary defined here, so a change of
+JAX's internals (jax 0.10 -> 0.11 merged ``ClosedJaxpr`` into ``Jaxpr``, renamed ``pjit`` to
+``jit`` and ``checkpoint`` to ``remat2``, changed ``scan``'s params) is absorbed in this file.
+
+What it provides:
+- tracing: :func:`trace` (a function of flat arrays -> closed jaxpr),
+- reading: :func:`jaxpr_of` / :func:`consts_of`, :func:`eqn_regions` (the sub-jaxprs of a
+  higher-order equation with how its operands map onto each region's inputs),
+- evaluating: :func:`eval_jaxpr`, :func:`bind_eqn` (re-binds an equation as it was traced),
+- primitives: :func:`make_primitive` for jaxpass's named ops,
+- checking: :func:`check_jaxpr`, and pretty-printing helpers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import core as _jcore  # noqa: F401  (public shim module; kept for eval_jaxpr on old jax)
+from jax.extend import core as jex_core
+from jax.interpreters import ad, batching, mlir
+
+
+try:  # jax >= 0.4.36
+    from jax._src import core as _core
+except ImportError:  # pragma: no cover
+    _core = None
+
+JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
+
+Jaxpr = jex_core.Jaxpr
+ClosedJaxpr = jex_core.ClosedJaxpr
+Var = jex_core.Var
+Literal = jex_core.Literal
+JaxprEqn = jex_core.JaxprEqn
+Primitive = jex_core.Primitive
+
+
+# --------------------------------------------------------------------------------------------
+# Reading jaxprs
+# --------------------------------------------------------------------------------------------
+
+def jaxpr_of(j) -> Jaxpr:
+    """The open jaxpr of a ``ClosedJaxpr`` or ``Jaxpr`` (0.11 merged the two)."""
+    return j.jaxpr if isinstance(j, ClosedJaxpr) or hasattr(j, "consts") and hasattr(j, "jaxpr") else j
+
+
+def consts_of(j) -> list:
+    """Constants bound to a closed jaxpr's constvars (empty for an open one)."""
+    if isinstance(j, ClosedJaxpr) or (hasattr(j, "consts") and hasattr(j, "jaxpr")):
+        return list(j.consts)
+    return []
+
+
+def is_literal(x) -> bool:
+    return isinstance(x, Literal)
+
+
+def literal_value(x):
+    return x.val
+
+
+def aval_of(x):
+    """The abstract value of a Var, Literal, array or ShapeDtypeStruct."""
+    if isinstance(x, (Var, Literal)):
+        return x.aval
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return _core.ShapedArray(x.shape, x.dtype)
+    return _core.get_aval(x)
+
+
+def shaped(shape, dtype):
+    return _core.ShapedArray(tuple(shape), jnp.dtype(dtype))
+
+
+def is_dropvar(v) -> bool:
+    return type(v).__name__ == "DropVar"
+
+
+def source_location(eqn) -> str:
+    """A short 'file:line (function)' for an equation, or '' if unknown."""
+    try:
+        from jax._src import source_info_util as siu
+        frame = siu.user_frame(eqn.source_info.traceback)
+        if frame is None:
+            return ""
+        return f"{frame.file_name.rsplit('/', 1)[-1]}:{frame.start_line} ({frame.function_name})"
+    except Exception:  # pragma: no cover - best effort only
+        return ""
+
+
+# Primitive names, by role. Both spellings are listed where JAX renamed them.
+CALL_PRIMITIVES = frozenset({"jit", "pjit", "closed_call", "core_call"})
+REMAT_PRIMITIVES = frozenset({"remat2", "checkpoint", "remat"})
+CUSTOM_DERIVATIVE_PRIMITIVES = frozenset(
+    {"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin"})
+SHARD_MAP_PRIMITIVES = frozenset({"shard_map"})
+OPAQUE_KERNEL_PRIMITIVES = frozenset({"pallas_call", "custom_call", "ffi_call", "triton_kernel_call"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Region:
+    """A sub-jaxpr of a higher-order equation and how the equation's operands feed it.
+
+    ``operand_index[i]`` is the index into ``eqn.invars`` that feeds region input ``i``, or None
+    when the region input is loop-carried state that is not simply an operand (a scan carry after
+    the first iteration still starts as an operand, so carries do map). ``sliced[i]`` is True when
+    the region sees one slice of the operand along its leading axis (scan ``xs``).
+    ``outvar_index[j]`` is the index into ``eqn.outvars`` that region output ``j`` becomes, or None.
+    """
+
+    key: str
+    jaxpr: Jaxpr
+    consts: tuple
+    operand_index: tuple
+    sliced: tuple
+    outvar_index: tuple
+
+
+def eqn_regions(eqn) -> list[Region]:
+    """The regions of a higher-order equation; [] for a first-order one."""
+    name = eqn.primitive.name
+    p = eqn.params
+    n_in = len(eqn.invars)
+    n_out = len(eqn.outvars)
+
+    def closed(j):
+        return jaxpr_of(j), tuple(consts_of(j))
+
+    if name == "scan":
+        j, c = closed(p["jaxpr"])
+        nc, nk = p["num_consts"], p["num_carry"]
+        nx = n_in - nc - nk
+        sliced = (False,) * (nc + nk) + (True,) * nx
+        # Region outputs: carries (map to eqn carry outs), then ys (stacked; no plain map).
+        out_idx = tuple(range(nk)) + (None,) * (n_out - nk)
+        return [Region("jaxpr", j, c, tuple(range(n_in)), sliced, out_idx)]
+    if name == "while":
+        cj, cc = closed(p["cond_jaxpr"])
+        bj, bc = closed(p["body_jaxpr"])
+        cn, bn = p["cond_nconsts"], p["body_nconsts"]
+        carry = tuple(range(cn + bn, n_in))
+        return [
+            Region("cond_jaxpr", cj, cc, tuple(range(cn)) + carry, (False,) * (cn + len(carry)),
+                   (None,)),
+            Region("body_jaxpr", bj, bc, tuple(range(cn, cn + bn)) + carry,
+                   (False,) * (bn + len(carry)), tuple(range(len(carry)))),
+        ]
+    if name == "cond":
+        out = []
+        for i, br in enumerate(p["branches"]):
+            j, c = closed(br)
+            out.append(Region(f"branches[{i}]", j, c, tuple(range(1, n_in)),
+                              (False,) * (n_in - 1), tuple(range(n_out))))
+        return out
+    if name in CALL_PRIMITIVES or name in REMAT_PRIMITIVES or name in SHARD_MAP_PRIMITIVES:
+        key = "jaxpr" if "jaxpr" in p else "call_jaxpr"
+        j, c = closed(p[key])
+        return [Region(key, j, c, tuple(range(n_in)), (False,) * n_in, tuple(range(n_out)))]
+    if name == "custom_jvp_call":
+        j, c = closed(p["call_jaxpr"])
+        return [Region("call_jaxpr", j, c, tuple(range(n_in)), (False,) * n_in,
+                       tuple(range(n_out)))]
+    if name in ("custom_vjp_call", "custom_vjp_call_jaxpr"):
+        key = "call_jaxpr" if "call_jaxpr" in p else "fun_jaxpr"
+        j, c = closed(p[key])
+        return [Region(key, j, c, tuple(range(n_in)), (False,) * n_in, tuple(range(n_out)))]
+    # Unknown higher-order primitives are opaque: report them, never descend.
+    return []
+
+
+def has_subjaxprs(eqn) -> bool:
+    return any(True for _ in jex_core.jaxprs_in_params(eqn.params))
+
+
+def scan_info(eqn) -> dict:
+    p = eqn.params
+    return dict(num_consts=p["num_consts"], num_carry=p["num_carry"], length=p["length"],
+                reverse=p["reverse"], unroll=p["unroll"],
+                split_transpose=p.get("_split_transpose", False))
+
+
+def while_info(eqn) -> dict:
+    p = eqn.params
+    return dict(cond_nconsts=p["cond_nconsts"], body_nconsts=p["body_nconsts"])
+
+
+def call_name(eqn) -> str:
+    return str(eqn.params.get("name", eqn.primitive.name))
+
+
+def remat_info(eqn) -> dict:
+    p = eqn.params
+    return dict(prevent_cse=p.get("prevent_cse", True), policy=p.get("policy"))
+
+
+# --------------------------------------------------------------------------------------------
+# Tracing and evaluation
+# --------------------------------------------------------------------------------------------
+
+def trace(fn: Callable, *example_args) -> ClosedJaxpr:
+    """``jax.make_jaxpr`` of ``fn`` at the example arguments (arrays or ShapeDtypeStructs)."""
+    return jax.make_jaxpr(fn)(*example_args)
+
+
+def eval_jaxpr(jaxpr, consts, *args):
+    """Evaluates an open jaxpr with its consts (binds every equation as traced)."""
+    return _core.eval_jaxpr(jaxpr_of(jaxpr), consts, *args)
+
+
+def eval_closed(closed, *args):
+    return eval_jaxpr(jaxpr_of(closed), consts_of(closed), *args)
+
+
+def bind_eqn(eqn, invals):
+    """Re-binds an equation exactly as traced (what ``eval_jaxpr`` does for it)."""
+    subfuns, bind_params = eqn.primitive.get_bind_params(eqn.params)
+    with _eqn_context(eqn):
+        out = eqn.primitive.bind(*subfuns, *invals, **bind_params)
+    return out if eqn.primitive.multiple_results else [out]
+
+
+def _eqn_context(eqn):
+    ctx = getattr(eqn, "ctx", None)
+    if ctx is not None and hasattr(ctx, "manager"):
+        return ctx.manager
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def check_jaxpr(closed) -> None:
+    """Type-checks a jaxpr (raises ``JaxprTypeError`` on an ill-typed program)."""
+    jex_core.check_jaxpr(jaxpr_of(closed))
+
+
+def pretty_eqn(eqn) -> str:
+    """Jax's own rendering of one equation."""
+    return str(eqn)
+
+
+# --------------------------------------------------------------------------------------------
+# Named-op primitives
+# --------------------------------------------------------------------------------------------
+
+def _unmapped(dim) -> bool:
+    """Batching rules see None (jax >= 0.10) or a ``not_mapped`` sentinel (older) for unbatched."""
+    return dim is None or type(dim).__name__ == "NotMapped"
+
+
+def make_primitive(name: str, impl: Callable, *, multiple_results: bool = False) -> Primitive:
+    """A primitive whose every rule derives from ``impl(*arrays, **params)``.
+
+    - evaluation and lowering inline ``impl`` (so XLA sees ordinary ops),
+    - abstract evaluation is ``jax.eval_shape`` of ``impl``,
+    - JVP is ``jax.jvp`` of ``impl`` (its linear part is ordinary primitives, so transposition
+      and reverse-mode work without a transpose rule),
+    - batching is ``jax.vmap`` of ``impl`` with the batch axes moved to the front.
+    """
+    prim = Primitive(name)
+    prim.multiple_results = multiple_results
+
+    def impl_rule(*args, **params):
+        out = impl(*args, **params)
+        return list(out) if multiple_results else out
+
+    def abstract_eval(*avals, **params):
+        structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
+        out = jax.eval_shape(functools.partial(impl, **params), *structs)
+        if multiple_results:
+            return [shaped(o.shape, o.dtype) for o in out]
+        return shaped(out.shape, out.dtype)
+
+    def jvp_rule(primals, tangents, **params):
+        tangents = [ad.instantiate_zeros(t) for t in tangents]
+        out, tan = jax.jvp(functools.partial(impl, **params), tuple(primals), tuple(tangents))
+        if multiple_results:
+            return list(out), list(tan)
+        return out, tan
+
+    def batch_rule(args, dims, **params):
+        moved = [a if _unmapped(d) else jnp.moveaxis(a, d, 0)
+                 for a, d in zip(args, dims)]
+        in_axes = tuple(None if _unmapped(d) else 0 for d in dims)
+        out = jax.vmap(functools.partial(impl, **params), in_axes=in_axes)(*moved)
+        if multiple_results:
+            return list(out), [0] * len(out)
+        return out, 0
+
+    prim.def_impl(impl_rule)
+    prim.def_abstract_eval(abstract_eval)
+    ad.primitive_jvps[prim] = jvp_rule
+    batching.primitive_batchers[prim] = batch_rule
+    mlir.register_lowering(prim, mlir.lower_fun(impl_rule, multiple_results=multiple_results))
+    return prim
