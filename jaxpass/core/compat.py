@@ -120,6 +120,9 @@ class Region:
     operand_index: tuple
     sliced: tuple
     outvar_index: tuple
+    #: (region input position, region output position) of loop-carried values: a value is the
+    #: same on every iteration only if the body returns its input unchanged.
+    carry_pairs: tuple = ()
 
 
 def eqn_regions(eqn) -> list[Region]:
@@ -139,7 +142,8 @@ def eqn_regions(eqn) -> list[Region]:
         sliced = (False,) * (nc + nk) + (True,) * nx
         # Region outputs: carries (map to eqn carry outs), then ys (stacked; no plain map).
         out_idx = tuple(range(nk)) + (None,) * (n_out - nk)
-        return [Region("jaxpr", j, c, tuple(range(n_in)), sliced, out_idx)]
+        pairs = tuple((nc + k, k) for k in range(nk))
+        return [Region("jaxpr", j, c, tuple(range(n_in)), sliced, out_idx, pairs)]
     if name == "while":
         cj, cc = closed(p["cond_jaxpr"])
         bj, bc = closed(p["body_jaxpr"])
@@ -149,7 +153,8 @@ def eqn_regions(eqn) -> list[Region]:
             Region("cond_jaxpr", cj, cc, tuple(range(cn)) + carry, (False,) * (cn + len(carry)),
                    (None,)),
             Region("body_jaxpr", bj, bc, tuple(range(cn, cn + bn)) + carry,
-                   (False,) * (bn + len(carry)), tuple(range(len(carry)))),
+                   (False,) * (bn + len(carry)), tuple(range(len(carry))),
+                   tuple((bn + k, k) for k in range(len(carry)))),
         ]
     if name == "cond":
         out = []
@@ -217,20 +222,37 @@ def eval_closed(closed, *args):
     return eval_jaxpr(jaxpr_of(closed), consts_of(closed), *args)
 
 
-def bind_eqn(eqn, invals):
-    """Re-binds an equation exactly as traced (what ``eval_jaxpr`` does for it)."""
-    subfuns, bind_params = eqn.primitive.get_bind_params(eqn.params)
-    with _eqn_context(eqn):
-        out = eqn.primitive.bind(*subfuns, *invals, **bind_params)
-    return out if eqn.primitive.multiple_results else [out]
+def bind_params(eqn) -> tuple[list, dict]:
+    """(subfuns, params) to re-bind an equation: jax < 0.10 returned both from
+    ``get_bind_params``, jax >= 0.10 returns the params alone."""
+    got = eqn.primitive.get_bind_params(eqn.params)
+    if isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], list):
+        return got
+    return [], got
 
 
-def _eqn_context(eqn):
+def eqn_context(eqn):
+    """Context that makes re-bound equations keep their source location and name stack."""
+    import contextlib
+    from jax._src import source_info_util as siu
+    stack = contextlib.ExitStack()
+    try:
+        name_stack = siu.current_name_stack() + eqn.source_info.name_stack
+        stack.enter_context(siu.user_context(eqn.source_info.traceback, name_stack=name_stack))
+    except Exception:  # pragma: no cover - source info is best effort
+        pass
     ctx = getattr(eqn, "ctx", None)
     if ctx is not None and hasattr(ctx, "manager"):
-        return ctx.manager
-    import contextlib
-    return contextlib.nullcontext()
+        stack.enter_context(ctx.manager)
+    return stack
+
+
+def bind_eqn(eqn, invals):
+    """Re-binds an equation exactly as traced (what ``eval_jaxpr`` does for it)."""
+    subfuns, params = bind_params(eqn)
+    with eqn_context(eqn):
+        out = eqn.primitive.bind(*subfuns, *invals, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
 
 
 def check_jaxpr(closed) -> None:

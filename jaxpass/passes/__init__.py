@@ -1,0 +1,9 @@
+"""Passes: small, composable, picklable rewrites of a traced program.
+
+Each pass has ``run(program) -> PassResult`` and an ``order`` in the pipeline (see
+:mod:`jaxpass.core.pass_api`).
+"""
+
+from jaxpass.passes.quantize import Quantize
+
+__all__ = ["Quantize"]

@@ -1,0 +1,98 @@
+"""Pattern matching over a program's equations.
+
+Passes describe what they rewrite as patterns, not as walks over jaxprs:
+
+    uses = param_dots(program.provenance, include=r"attn", exclude=r"lm_head")
+    for use in uses:
+        use.param, use.contracting_axes  # parameter path; parameter axes the dot contracts
+
+A :class:`ParamDot` is a ``dot_general`` (``jnp.dot``, ``@`` and ``einsum`` all trace to it) with
+one operand that derives from a parameter through layout-only equations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Iterable, Sequence
+
+from jaxpass.core.provenance import EqnSite, Prov, Provenance
+
+DOT_PRIMITIVES = frozenset({"dot_general"})
+
+
+@dataclasses.dataclass(frozen=True)
+class PathRule:
+    """``include`` / ``exclude`` regular expressions on parameter paths (``re.search``)."""
+
+    include: str | Sequence[str] | None = None
+    exclude: str | Sequence[str] | None = None
+
+    @staticmethod
+    def _patterns(x) -> tuple[str, ...]:
+        if x is None:
+            return ()
+        return (x,) if isinstance(x, str) else tuple(x)
+
+    def matches(self, path: str) -> bool:
+        inc = self._patterns(self.include)
+        exc = self._patterns(self.exclude)
+        if inc and not any(re.search(p, path) for p in inc):
+            return False
+        return not any(re.search(p, path) for p in exc)
+
+    def unmatched_includes(self, paths: Iterable[str]) -> list[str]:
+        """Include patterns that match none of ``paths``."""
+        paths = list(paths)
+        return [p for p in self._patterns(self.include) if not any(re.search(p, q) for q in paths)]
+
+    def describe(self) -> str:
+        parts = []
+        if self.include is not None:
+            parts.append(f"include={self.include!r}")
+        if self.exclude is not None:
+            parts.append(f"exclude={self.exclude!r}")
+        return ", ".join(parts) or "all parameters"
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamDot:
+    """A dot_general one of whose operands is (a layout view of) a parameter."""
+
+    site: EqnSite
+    operand: int                  # 0: the parameter is the lhs, 1: the rhs
+    prov: Prov
+    contracting_axes: frozenset   # parameter axes contracted by the dot
+    batch_axes: frozenset         # parameter axes that are dot batch dimensions
+    free_axes: frozenset          # parameter axes that survive into the output
+
+    @property
+    def param(self) -> str:
+        return self.prov.param
+
+
+def param_dots(provenance: Provenance, rule: PathRule | None = None,
+               where: Callable[[EqnSite], bool] | None = None) -> list[ParamDot]:
+    """All dot_generals with an operand derived from a parameter accepted by ``rule``."""
+    out = []
+    for site in provenance:
+        if site.primitive not in DOT_PRIMITIVES:
+            continue
+        if where is not None and not where(site):
+            continue
+        (lc, rc), (lb, rb) = site.eqn.params["dimension_numbers"]
+        for operand, (contract, batch) in enumerate(((lc, lb), (rc, rb))):
+            prov = site.in_provs[operand]
+            if prov is None or (rule is not None and not rule.matches(prov.param)):
+                continue
+            ndim = len(prov.axes)
+            free = [a for a in range(ndim) if a not in contract and a not in batch]
+            out.append(ParamDot(site, operand, prov, prov.param_axes(contract),
+                                prov.param_axes(batch), prov.param_axes(free)))
+    return out
+
+
+def named_ops(provenance: Provenance, name: str) -> list[EqnSite]:
+    """All equations of the jaxpass named op ``name`` (see :mod:`jaxpass.core.ops`)."""
+    full = name if name.startswith("jaxpass.") else "jaxpass." + name
+    return [s for s in provenance if s.primitive == full]
