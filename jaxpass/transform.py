@@ -24,6 +24,15 @@ def _signature(tree) -> tuple:
                               for x in leaves)
 
 
+def _evaluator(closed):
+    """The program as a jitted function of its flat inputs: eager calls run compiled, and under
+    an outer jit/grad/vmap it is an ordinary nested jit."""
+    def run(*flat):
+        return compat.eval_closed(closed, *flat)
+    run.__name__ = "jaxpass_program"
+    return jax.jit(run)
+
+
 class Transformed:
     """A transformed model: call it, or use its pure function with its params.
 
@@ -52,7 +61,7 @@ class Transformed:
         self._lock = threading.Lock()
         self._cache: dict = {}
         key = self._key(final.inputs.state, final.inputs.args, final.inputs.kwargs, static_kw)
-        self._cache[key] = (final.closed, final.out_tree)
+        self._cache[key] = (_evaluator(final.closed), final.out_tree)
 
     # -- views -------------------------------------------------------------------------------------
     @property
@@ -86,7 +95,7 @@ class Transformed:
         prog = trace_model(self._spec, self._method, self._params0, abstract(state),
                            abstract(tuple(args)), {**abstract(kwargs), **dict(static_kw)})
         prog = replay(prog, self._stages)
-        entry = (prog.closed, prog.out_tree)
+        entry = (_evaluator(prog.closed), prog.out_tree)
         with self._lock:
             self._cache[key] = entry
         return entry
@@ -97,9 +106,9 @@ class Transformed:
             raise ModelError("params do not have the structure of t.params "
                              f"(expected {self._params_treedef}, got {jax.tree_util.tree_structure(params)})")
         traced_kw, static_kw = split_kwargs(kwargs)
-        closed, out_tree = self._specialize(state, args, traced_kw, static_kw)
+        run, out_tree = self._specialize(state, args, traced_kw, static_kw)
         flat = jax.tree_util.tree_leaves(params) + Inputs(state, tuple(args), traced_kw).flat()
-        outs = compat.eval_closed(closed, *flat)
+        outs = run(*flat)
         return jax.tree_util.tree_unflatten(out_tree, outs)
 
     def apply(self, params, *args, **kwargs):

@@ -1,8 +1,11 @@
 """The one module that touches JAX internals.
 
 Everything else in jaxpass reads jaxprs through the small vocabulary defined here, so a change of
-JAX's internals (jax 0.10 -> 0.11 merged ``ClosedJaxpr`` into ``Jaxpr``, renamed ``pjit`` to
-``jit`` and ``checkpoint`` to ``remat2``, changed ``scan``'s params) is absorbed in this file.
+JAX's internals is absorbed in this file. Known differences it handles: jax 0.11 merged
+``ClosedJaxpr`` into ``Jaxpr`` (every jaxpr carries ``.consts``), replaced scan's
+``num_consts``/``num_carry`` by ``ft_in``/``ft_out``, made jit's ``inline`` an enum and turned
+``closed_call`` into ``eval_jaxpr``; jax 0.10 made ``get_bind_params`` return params alone.
+Both versions name the jit primitive ``jit`` (``pjit`` before 0.7) and remat ``remat2``.
 
 What it provides:
 - tracing: :func:`trace` (a function of flat arrays -> closed jaxpr),
@@ -46,15 +49,15 @@ Primitive = jex_core.Primitive
 # --------------------------------------------------------------------------------------------
 
 def jaxpr_of(j) -> Jaxpr:
-    """The open jaxpr of a ``ClosedJaxpr`` or ``Jaxpr`` (0.11 merged the two)."""
-    return j.jaxpr if isinstance(j, ClosedJaxpr) or hasattr(j, "consts") and hasattr(j, "jaxpr") else j
+    """The jaxpr to walk: ``ClosedJaxpr.jaxpr`` on 0.10; on 0.11 ``ClosedJaxpr`` is ``Jaxpr``
+    and ``.jaxpr`` returns the object itself; an open 0.10 ``Jaxpr`` has no ``.jaxpr``."""
+    return getattr(j, "jaxpr", j)
 
 
 def consts_of(j) -> list:
-    """Constants bound to a closed jaxpr's constvars (empty for an open one)."""
-    if isinstance(j, ClosedJaxpr) or (hasattr(j, "consts") and hasattr(j, "jaxpr")):
-        return list(j.consts)
-    return []
+    """Values of the jaxpr's constvars (0.10: ``ClosedJaxpr.consts``; 0.11: every ``Jaxpr`` has
+    ``.consts``, possibly empty; an open 0.10 ``Jaxpr`` has none)."""
+    return list(getattr(j, "consts", ()) or ())
 
 
 def is_literal(x) -> bool:
@@ -71,7 +74,7 @@ def aval_of(x):
         return x.aval
     if isinstance(x, jax.ShapeDtypeStruct):
         return _core.ShapedArray(x.shape, x.dtype)
-    return _core.get_aval(x)
+    return jax.typeof(x)
 
 
 def shaped(shape, dtype):
@@ -95,7 +98,7 @@ def source_location(eqn) -> str:
 
 
 # Primitive names, by role. Both spellings are listed where JAX renamed them.
-CALL_PRIMITIVES = frozenset({"jit", "pjit", "closed_call", "core_call"})
+CALL_PRIMITIVES = frozenset({"jit", "pjit", "closed_call", "core_call", "eval_jaxpr"})
 REMAT_PRIMITIVES = frozenset({"remat2", "checkpoint", "remat"})
 CUSTOM_DERIVATIVE_PRIMITIVES = frozenset(
     {"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin"})
@@ -137,8 +140,7 @@ def eqn_regions(eqn) -> list[Region]:
 
     if name == "scan":
         j, c = closed(p["jaxpr"])
-        nc, nk = p["num_consts"], p["num_carry"]
-        nx = n_in - nc - nk
+        nc, nk, nx, _ = scan_groups(eqn)
         sliced = (False,) * (nc + nk) + (True,) * nx
         # Region outputs: carries (map to eqn carry outs), then ys (stacked; no plain map).
         out_idx = tuple(range(nk)) + (None,) * (n_out - nk)
@@ -183,11 +185,29 @@ def has_subjaxprs(eqn) -> bool:
     return any(True for _ in jex_core.jaxprs_in_params(eqn.params))
 
 
+def scan_groups(eqn) -> tuple[int, int, int, int]:
+    """(consts, carries, xs, ys) counts of a scan: 0.10 has ``num_consts``/``num_carry``;
+    0.11 replaced them by the flat trees ``ft_in``/``ft_out``."""
+    p = eqn.params
+    n_in, n_out = len(eqn.invars), len(eqn.outvars)
+    if "ft_in" in p:
+        nc, nk, nx = (len(g) for g in p["ft_in"].unpack())
+    else:
+        nc, nk = p["num_consts"], p["num_carry"]
+        nx = n_in - nc - nk
+    return nc, nk, nx, n_out - nk
+
+
 def scan_info(eqn) -> dict:
     p = eqn.params
-    return dict(num_consts=p["num_consts"], num_carry=p["num_carry"], length=p["length"],
-                reverse=p["reverse"], unroll=p["unroll"],
-                split_transpose=p.get("_split_transpose", False))
+    nc, nk, _, _ = scan_groups(eqn)
+    return dict(num_consts=nc, num_carry=nk, length=p["length"], reverse=p["reverse"],
+                unroll=p["unroll"], split_transpose=p.get("_split_transpose", False))
+
+
+def jit_inline(eqn):
+    """The ``inline`` argument that re-creates a jit equation (a bool on 0.10, an enum on 0.11)."""
+    return eqn.params.get("inline", False)
 
 
 def while_info(eqn) -> dict:
@@ -290,9 +310,16 @@ def make_primitive(name: str, impl: Callable, *, multiple_results: bool = False)
         out = impl(*args, **params)
         return list(out) if multiple_results else out
 
+    shape_cache: dict = {}
+
     def abstract_eval(*avals, **params):
-        structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
-        out = jax.eval_shape(functools.partial(impl, **params), *structs)
+        # Cached: a 32-layer model binds the same op at the same shapes hundreds of times.
+        key = (tuple((a.shape, a.dtype) for a in avals), tuple(sorted(params.items())))
+        out = shape_cache.get(key)
+        if out is None:
+            structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
+            out = jax.eval_shape(functools.partial(impl, **params), *structs)
+            shape_cache[key] = out
         if multiple_results:
             return [shaped(o.shape, o.dtype) for o in out]
         return shaped(out.shape, out.dtype)

@@ -247,7 +247,7 @@ class Interpreter:
 
         body.__name__ = body.__qualname__ = compat.call_name(eqn)
         if eqn.primitive.name in ("jit", "pjit"):
-            return list(jax.jit(body, inline=bool(eqn.params.get("inline", False)))(*invals))
+            return list(jax.jit(body, inline=compat.jit_inline(eqn))(*invals))
         return list(body(*invals))
 
     def _remat(self, ctx, eqn, invals, region, regions):

@@ -173,8 +173,9 @@ class Provenance:
                 if prov is not None and r.sliced[k]:
                     prov = prov.with_axes(prov.axes[1:], name, prov.sliced | prov.axes[0])
                 if prov is not None and name in ("scan", "while") and invariant is not None:
-                    is_carry = (name == "scan" and k >= eqn.params["num_consts"]
-                                and k < eqn.params["num_consts"] + eqn.params["num_carry"])
+                    if name == "scan":
+                        nc, nk, _, _ = compat.scan_groups(eqn)
+                        is_carry = nc <= k < nc + nk
                     if name == "while":
                         n_consts = eqn.params["cond_nconsts"] if r.key == "cond_jaxpr" else eqn.params["body_nconsts"]
                         is_carry = k >= n_consts

@@ -16,7 +16,7 @@ from jaxpass.core.pass_api import ORDER_QUANTIZE, PassError, PassResult
 from jaxpass.core.patterns import PathRule, param_dots
 from jaxpass.core.report import PassReport
 from jaxpass.passes.quantize.matmul import dot_general_rule
-from jaxpass.passes.quantize.qarray import quantize_int8
+from jaxpass.passes.quantize.qarray import abstract_int8, quantize_int8
 
 SUPPORTED_WEIGHTS = ("int8",)
 
@@ -127,6 +127,11 @@ class Quantize:
         return PassResult(replacements, rules, report, tolerance=5e-2)
 
     def _nothing_matched(self, program, rule, uses_by_param) -> str:
+        done = sorted(p for p in program.history if rule.matches(p))
+        if done:
+            return (f"Quantize: the weights this rule matches ({done[:4]}) were already rewritten "
+                    f"by {sorted({n for p in done for n in program.history[p]})}; quantizing them "
+                    "again is not supported (use include/exclude to give each pass its own weights)")
         consts = program.large_constants()
         if consts and not uses_by_param:
             shapes = ", ".join(f"{jnp.dtype(c.dtype).name}{list(c.shape)}" for c in consts[:4])
@@ -149,8 +154,10 @@ def _check_finite(path, leaf) -> None:
                         "scales would be meaningless. Fix the weights first.")
 
 
+_quantize_int8_jit = jax.jit(quantize_int8, static_argnums=(1,), static_argnames=("source",))
+
+
 def _make(leaf, reduce_axes, path):
-    fn = lambda w: quantize_int8(w, reduce_axes, source=path)
     if isinstance(leaf, jax.ShapeDtypeStruct):
-        return jax.eval_shape(fn, leaf)
-    return jax.jit(fn)(leaf)
+        return abstract_int8(leaf, reduce_axes, source=path)
+    return _quantize_int8_jit(leaf, reduce_axes, source=path)

@@ -116,6 +116,13 @@ jax.tree_util.register_dataclass(QArray, data_fields=["qvalue", "scale"],
                                  meta_fields=["dtype", "bits", "source"])
 
 
+def abstract_int8(w, reduce_axes, *, source: str = "") -> QArray:
+    """The QArray :func:`quantize_int8` would return, with ShapeDtypeStruct leaves."""
+    scale_shape = tuple(1 if d in reduce_axes else n for d, n in enumerate(w.shape))
+    return QArray(jax.ShapeDtypeStruct(tuple(w.shape), jnp.int8),
+                  jax.ShapeDtypeStruct(scale_shape, jnp.float32), jnp.dtype(w.dtype), 8, source)
+
+
 def quantize_int8(w, reduce_axes, *, source: str = "") -> QArray:
     """Symmetric round-to-nearest int8 with one scale per slice along ``reduce_axes``.
 
