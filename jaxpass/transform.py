@@ -19,9 +19,9 @@ _NUMERICS_CHECK_MAX_BYTES = 2 << 30
 
 
 def _signature(tree) -> tuple:
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return (treedef,) + tuple((tuple(x.shape), str(x.dtype), bool(getattr(getattr(x, "aval", None), "weak_type", False)))
-                              for x in leaves)
+    """Cache key of a call's inputs: structure, shapes, dtypes and weak types."""
+    leaves, treedef = jax.tree_util.tree_flatten(abstract(tree))
+    return (treedef,) + tuple((x.shape, str(x.dtype), bool(x.weak_type)) for x in leaves)
 
 
 def _evaluator(closed):

@@ -164,3 +164,20 @@ def _pytree_spec(model) -> ModelSpec:
         return pure
 
     return ModelSpec("pytree", params, (), make_pure, f"pytree {type(model).__name__}")
+
+
+def pure_method(model_or_transformed, method: str | None = None):
+    """``(fn, params, state)`` with ``fn(params, state, *args) -> (output, new_state)`` computing
+    ``getattr(model, method)(*args)``; for a transformed model, with its passes applied.
+
+    This is how code that drives a model step by step (``models.generate``) treats an NNX
+    module and a ``jaxpass.transform`` result alike.
+    """
+    from jaxpass.transform import Transformed  # late: transform builds on this module
+
+    if isinstance(model_or_transformed, Transformed):
+        t = model_or_transformed.method(method) if method not in (None, "__call__") else model_or_transformed
+        return (lambda params, state, *args: t.apply_with_state(params, state, *args)), t.params, t.state
+    spec = adapt(model_or_transformed)
+    pure = spec.pure(method)
+    return (lambda params, state, *args: pure(params, state, args, {})), spec.params, spec.state

@@ -96,3 +96,17 @@ def named_ops(provenance: Provenance, name: str) -> list[EqnSite]:
     """All equations of the jaxpass named op ``name`` (see :mod:`jaxpass.core.ops`)."""
     full = name if name.startswith("jaxpass.") else "jaxpass." + name
     return [s for s in provenance if s.primitive == full]
+
+
+def opaque_uses(provenance: Provenance) -> list[tuple[str, EqnSite]]:
+    """(parameter path, site) for parameters that enter an op jaxpass cannot look into: a kernel
+    (pallas_call, custom_call) or a higher-order primitive whose regions compat does not know."""
+    from jaxpass.core import compat
+
+    out = []
+    for site in provenance:
+        opaque = site.primitive in compat.OPAQUE_KERNEL_PRIMITIVES or (
+            compat.has_subjaxprs(site.eqn) and not compat.eqn_regions(site.eqn))
+        if opaque:
+            out.extend((p.param, site) for p in site.in_provs if p is not None)
+    return out

@@ -29,12 +29,16 @@ def leaves_with_paths(tree) -> list[tuple[str, Any]]:
 
 
 def abstract(tree):
-    """The tree with every array replaced by a ShapeDtypeStruct (structure kept)."""
+    """The tree with every array (or Python scalar) replaced by a ShapeDtypeStruct."""
     def to_sds(x):
         if isinstance(x, jax.ShapeDtypeStruct):
             return x
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)
-                                    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) else None)
+        aval = compat.aval_of(x)
+        sharding = None
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+            sharding = x.sharding
+        return jax.ShapeDtypeStruct(aval.shape, aval.dtype, sharding=sharding,
+                                    weak_type=bool(getattr(aval, "weak_type", False)))
     return jax.tree_util.tree_map(to_sds, tree)
 
 

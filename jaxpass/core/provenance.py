@@ -87,7 +87,8 @@ def _layout_rule(eqn, prov: Prov) -> Prov | None:
     name = eqn.primitive.name
     p = eqn.params
     if name in ("convert_element_type", "copy", "copy_p", "reduce_precision",
-                "sharding_constraint", "slice", "dynamic_slice", "optimization_barrier"):
+                "sharding_constraint", "slice", "dynamic_slice", "optimization_barrier", "pvary",
+                "mesh_cast", "reshard"):
         return prov.with_axes(prov.axes, name)
     if name == "transpose":
         return prov.with_axes([prov.axes[i] for i in p["permutation"]], name)

@@ -102,3 +102,12 @@ def test_inputs_are_not_mutated():
     t = jaxpass.transform(f, [passes.Quantize()], params=params, example_args=(np.ones((2, 8), np.float32),))
     t(np.ones((2, 8), np.float32))
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, snapshot)
+
+
+def test_weight_only_used_inside_an_opaque_op_names_the_op():
+    def solve(p, b):
+        return jax.lax.custom_linear_solve(lambda x: p["a"] @ x, b, lambda mv, b: b / 2.0)
+
+    with pytest.raises(jaxpass.PassError, match=r"\['a'\] .* inside custom_linear_solve"):
+        jaxpass.transform(solve, [passes.Quantize(include="a")], params={"a": jnp.eye(4) * 2},
+                          example_args=(jnp.ones(4),))

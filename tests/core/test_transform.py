@@ -187,3 +187,47 @@ def test_passes_are_picklable_and_composable_with_include_exclude():
     assert isinstance(t.params["layers"]["w"], QArray) and isinstance(t.params["head"], QArray)
     assert [len(r.changed) for r in t.report] == [1, 1]
     assert _rel(t(X), _model(p, X)) < 2e-2
+
+
+def test_shard_map_region_is_kept_and_weights_dequantized_at_its_boundary():
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    shard_map = getattr(jax, "shard_map", None)
+    if shard_map is None:  # pragma: no cover - older jax
+        from jax.experimental.shard_map import shard_map
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    p = {"w": jax.random.normal(jax.random.key(5), (16, 16)) / 4}
+
+    def f(p, x):
+        inner = shard_map(lambda w, x: jnp.tanh(x @ w), mesh=mesh, in_specs=(P(), P("data")),
+                          out_specs=P("data"))
+        return inner(p["w"], x)
+
+    t0 = jaxpass.transform(f, [], params=p, example_args=(X,))
+    chex.assert_trees_all_equal(jax.jit(t0.apply)(p, X), jax.jit(f)(p, X))
+    t = jaxpass.transform(f, [passes.Quantize()], params=p, example_args=(X,))
+    assert t.report[0].events_of("boundary") and t.graph.count("shard_map") == 1
+    assert _rel(t(X), f(p, X)) < 2e-2
+
+
+def test_method_applies_the_same_passes_to_another_method():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.lin = nnx.Linear(16, 16, rngs=nnx.Rngs(0))
+
+        def __call__(self, x):
+            return self.lin(x)
+
+        def twice(self, x, bias):
+            return self.lin(self.lin(x)) + bias
+
+    net = Net()
+    t = jaxpass.transform(net, [passes.Quantize()], example_args=(X,))
+    tw = t.method("twice")
+    y = jax.jit(tw.apply)(t.params, X, 1.0)
+    assert _rel(y, net.twice(X, 1.0)) < 2e-2
+    assert tw.graph.count("jaxpass.quantized_dot_general") == 1  # graph of the example method
+    closed = jax.make_jaxpr(lambda p: tw.apply(p, X, 1.0))(t.params)
+    assert "jaxpass.quantized_dot_general" in str(closed)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from jaxpass.core.interpreter import Rules
 from jaxpass.core.pass_api import ORDER_QUANTIZE, PassError, PassResult
-from jaxpass.core.patterns import PathRule, param_dots
+from jaxpass.core.patterns import PathRule, opaque_uses, param_dots
 from jaxpass.core.report import PassReport
 from jaxpass.passes.quantize.matmul import dot_general_rule
 from jaxpass.passes.quantize.qarray import abstract_int8, quantize_int8
@@ -82,6 +82,9 @@ class Quantize:
         uses_by_param = defaultdict(list)
         for use in param_dots(program.provenance):
             uses_by_param[use.param].append(use)
+        opaque = defaultdict(list)
+        for param, site in opaque_uses(program.provenance):
+            opaque[param].append(site)
 
         unmatched = rule.unmatched_includes(leaves)
         if unmatched and not self.allow_unmatched:
@@ -96,6 +99,11 @@ class Quantize:
             uses = uses_by_param.get(path, [])
             explicit = rule.include is not None
             if not uses:
+                if explicit and opaque.get(path):
+                    raise PassError(
+                        f"Quantize: {path} matches {rule.describe()} but its only uses are inside "
+                        f"{opaque[path][0].location()}, an op whose body jaxpass cannot rewrite; "
+                        "exclude it, or expose the matmul outside that op")
                 if explicit and leaf.ndim >= 1:
                     report.skipped.append((path, "not used by a matmul"))
                 continue
