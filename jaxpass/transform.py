@@ -25,12 +25,19 @@ def _signature(tree) -> tuple:
 
 
 def _evaluator(closed):
-    """The program as a jitted function of its flat inputs: eager calls run compiled, and under
-    an outer jit/grad/vmap it is an ordinary nested jit."""
+    """The program as a function of its flat inputs. Eager calls run it compiled; under an outer
+    trace (jit, grad, vmap) its equations are bound inline, exactly as the original model's
+    would be, so ``passes=[]`` stays bit-identical in outputs and gradients."""
     def run(*flat):
         return compat.eval_closed(closed, *flat)
     run.__name__ = "jaxpass_program"
-    return jax.jit(run)
+    compiled = jax.jit(run)
+
+    def evaluate(*flat):
+        if any(isinstance(x, jax.core.Tracer) for x in flat):
+            return run(*flat)
+        return compiled(*flat)
+    return evaluate
 
 
 class Transformed:
