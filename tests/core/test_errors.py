@@ -71,10 +71,23 @@ def test_quantizing_twice_is_reported_not_silently_accepted():
 
 
 def test_unsupported_configurations_say_what_is_supported():
-    with pytest.raises(jaxpass.PassError, match=r"weights='int2'.*supports \('int8',\)"):
+    with pytest.raises(jaxpass.PassError, match=r"weights='int2'.*supported formats are \('int8', 'int4'"):
         passes.Quantize(weights="int2")
-    with pytest.raises(jaxpass.PassError, match="group_size=7"):
-        passes.Quantize(group_size=7)
+    with pytest.raises(jaxpass.PassError, match="group_size=0"):
+        passes.Quantize(group_size=0)
+    with pytest.raises(jaxpass.PassError, match="zero points apply to int8/int4"):
+        passes.Quantize(weights="nf4", symmetric=False)
+
+
+def test_group_size_that_does_not_divide_and_odd_int4_packing_are_refused():
+    p = {"w": jax.random.normal(jax.random.key(0), (576, 64))}  # SmolLM2-like 576-wide input
+    g = lambda p, x: x @ p["w"]
+    with pytest.raises(jaxpass.PassError, match=r"\['w'\] has contracting dimension 576 .* not divisible by 128; group sizes that divide it: \[32, 64\]"):
+        jaxpass.transform(g, [passes.Quantize(weights="int4", group_size=128)], params=p,
+                          example_args=(jnp.ones((1, 576)),))
+    odd = {"w": jax.random.normal(jax.random.key(0), (9, 4))}
+    with pytest.raises(jaxpass.PassError, match=r"\['w'\] has an odd contracting dimension 9"):
+        jaxpass.transform(g, [passes.Quantize(weights="int4")], params=odd, example_args=(jnp.ones((1, 9)),))
 
 
 def test_apply_with_wrong_params_structure():

@@ -1,10 +1,15 @@
 """The quantized matmul named op, and the rule that turns a dot on a QArray into it.
 
-``jaxpass.quantized_dot_general`` is ``lax.dot_general`` with one operand given as integer codes
-plus a scale that is constant along that operand's contracting axes. It multiplies by the codes
-(exact in the activation dtype for int8) with float32 accumulation and applies the scale to the
-output, which is the matmul of the dequantized weight up to float rounding. ``LowerToPallas``
-replaces this op by a kernel; its meaning stays this function.
+``jaxpass.quantized_dot_general`` is ``lax.dot_general`` with one operand given as a quantized
+weight: its codes, scale and (asymmetric) zero point as operands, its format as static params.
+Its meaning (the ``impl`` below, also the XLA fallback) is the matmul of the dequantized weight:
+
+- per-channel symmetric int8 / int4 / fp8 (scale constant along the contracting axes): multiply
+  by the codes, exact in bf16/f32, accumulate in float32 and scale the output;
+- otherwise (groups, zero points, nf4): dequantize the weight, then multiply.
+
+``LowerToPallas`` replaces this op by a kernel where the backend and shapes allow; what it
+computes stays this function.
 """
 
 from __future__ import annotations
@@ -22,8 +27,7 @@ def _scale_to_output(scale, dimension_numbers, weight_operand, x_ndim):
     (lc, rc), (lb, rb) = dimension_numbers
     wc, wb = (rc, rb) if weight_operand == 1 else (lc, lb)
     xc, xb = (lc, lb) if weight_operand == 1 else (rc, rb)
-    nd = scale.ndim
-    wf = [d for d in range(nd) if d not in wc and d not in wb]
+    wf = [d for d in range(scale.ndim) if d not in wc and d not in wb]
     n_x_free = x_ndim - len(xc) - len(xb)
     s = jnp.transpose(scale, tuple(wb) + tuple(wf) + tuple(wc))
     batch_shape = [scale.shape[d] for d in wb]
@@ -35,15 +39,30 @@ def _scale_to_output(scale, dimension_numbers, weight_operand, x_ndim):
     return s.reshape(shape)
 
 
-def _quantized_dot_general(x, qvalue, scale, *, dimension_numbers, weight_operand, precision,
-                           out_dtype):
+def _weight(qvalue, scale, zero, dtype, fmt, packed_axis) -> QArray:
+    return QArray(qvalue, scale, zero, dtype, fmt, packed_axis)
+
+
+def is_per_channel(w: QArray, contracting) -> bool:
+    """Scale constant along every contracting axis and no zero point: the output can be scaled."""
+    return (w.zero is None and w.fmt in ("int8", "int4", "fp8")
+            and all(w.scale.shape[d] == 1 for d in contracting))
+
+
+def _quantized_dot_general(x, qvalue, scale, *zero, dimension_numbers, weight_operand, precision,
+                           out_dtype, dtype, fmt, packed_axis):
+    w = _weight(qvalue, scale, zero[0] if zero else None, dtype, fmt, packed_axis)
     compute = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
-    w = qvalue.astype(compute)
+    (lc, rc), _ = dimension_numbers
+    contracting = rc if weight_operand == 1 else lc
+    per_channel = is_per_channel(w, contracting)
+    wv = (w.code_values() if per_channel else w.materialize()).astype(compute)
     x = x.astype(compute)
-    lhs, rhs = (x, w) if weight_operand == 1 else (w, x)
+    lhs, rhs = (x, wv) if weight_operand == 1 else (wv, x)
     y = lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                         preferred_element_type=jnp.float32)
-    y = y * _scale_to_output(scale.astype(jnp.float32), dimension_numbers, weight_operand, x.ndim)
+    if per_channel:
+        y = y * _scale_to_output(w.scale.astype(jnp.float32), dimension_numbers, weight_operand, x.ndim)
     return y.astype(out_dtype)
 
 
@@ -62,13 +81,9 @@ def dot_general_rule(ctx, eqn, invals):
                    "both matmul operands are compressed: the activation side is made dense")
         x = x.materialize()
     dims = eqn.params["dimension_numbers"]
-    (lc, rc), _ = dims
-    contracting = rc if w_idx == 1 else lc
-    if any(w.scale.shape[d] != 1 for d in contracting):
-        ctx.record("materialize", eqn, w.source,
-                   "scale varies along a contracting axis of this matmul: weight made dense")
-        return NotImplemented  # the interpreter materializes it
-    ctx.record("rewrite", eqn, w.source, f"dot_general -> quantized_dot_general (int{w.bits})")
+    ctx.record("rewrite", eqn, w.source, f"dot_general -> quantized_dot_general ({w.fmt})")
+    operands = (x, w.qvalue, w.scale) + (() if w.zero is None else (w.zero,))
     return quantized_dot_general(
-        x, w.qvalue, w.scale, dimension_numbers=dims, weight_operand=w_idx,
-        precision=eqn.params.get("precision"), out_dtype=jnp.dtype(eqn.outvars[0].aval.dtype))
+        *operands, dimension_numbers=dims, weight_operand=w_idx,
+        precision=eqn.params.get("precision"), out_dtype=jnp.dtype(eqn.outvars[0].aval.dtype),
+        dtype=jnp.dtype(w.dtype), fmt=w.fmt, packed_axis=w.packed_axis)

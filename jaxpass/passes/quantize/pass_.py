@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import defaultdict
 from typing import ClassVar, Sequence
 
@@ -16,9 +17,9 @@ from jaxpass.core.pass_api import ORDER_QUANTIZE, PassError, PassResult
 from jaxpass.core.patterns import PathRule, opaque_uses, param_dots
 from jaxpass.core.report import PassReport
 from jaxpass.passes.quantize.matmul import dot_general_rule
-from jaxpass.passes.quantize.qarray import abstract_int8, quantize_int8
+from jaxpass.passes.quantize.qarray import FORMATS, quantize
 
-SUPPORTED_WEIGHTS = ("int8",)
+SUPPORTED_WEIGHTS = FORMATS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,18 +28,21 @@ class Quantize:
 
     A parameter is a weight when it feeds a matmul operand through layout-only ops (casts,
     transposes, reshapes, slices, scan over stacked layers, ``w[i]`` in a loop). Each such weight
-    is replaced in ``t.params`` by a :class:`~jaxpass.passes.quantize.qarray.QArray` and each
-    matmul on it by ``jaxpass.quantized_dot_general``. Uses that are not matmuls (an embedding
-    lookup on tied weights) read the dequantized weight; the report lists them.
+    is replaced in ``t.params`` by a :class:`~jaxpass.passes.quantize.qarray.QArray` (layout in
+    its docstring: int4/nf4 really packed two per byte) and each matmul on it by
+    ``jaxpass.quantized_dot_general``. Uses that are not matmuls (an embedding lookup on tied
+    weights) read the dequantized weight; the report lists them.
 
-    This version implements ``weights="int8"``: symmetric round-to-nearest, one scale per output
-    channel (per layer for stacked weights). Other formats raise a clear error until they land.
+    Scales are shared over the axes the weight's matmuls contract: one per output channel (and
+    per layer for stacked weights) with ``group_size=None``, or one per contiguous group of
+    ``group_size`` along the contracting axis. A group size that does not divide that axis is
+    refused (never silently changed); so is int4/nf4 packing of an odd contracting axis.
 
     Args:
-      weights: the weight format.
-      group_size: None for one scale per output channel.
-      symmetric: symmetric quantization (no zero point).
-      activations: activation quantization (None: weight-only).
+      weights: "int8", "int4", "nf4" (QLoRA NormalFloat-4, absmax per group) or "fp8" (e4m3).
+      group_size: None (per output channel) or the group length along the contracting axis.
+      symmetric: symmetric (no zero point); ``False`` stores zero points (int8/int4 only).
+      activations: activation quantization (None: weight-only; others not implemented yet).
       method: "rtn" (round to nearest).
       include / exclude: regular expressions on parameter paths (``jax.tree_util.keystr``).
       allow_unmatched: do not raise when an ``include`` pattern matches no weight.
@@ -57,13 +61,14 @@ class Quantize:
 
     def __post_init__(self):
         if self.weights not in SUPPORTED_WEIGHTS:
-            raise PassError(f"Quantize(weights={self.weights!r}): this version supports "
-                            f"{SUPPORTED_WEIGHTS}; int4/nf4/fp8 are not implemented yet")
-        if self.group_size is not None:
-            raise PassError(f"Quantize(group_size={self.group_size}): per-group scales are not "
-                            "implemented yet for int8; use group_size=None (per output channel)")
-        if not self.symmetric:
-            raise PassError("Quantize(symmetric=False): asymmetric int8 is not implemented yet")
+            raise PassError(f"Quantize(weights={self.weights!r}): supported formats are "
+                            f"{SUPPORTED_WEIGHTS}")
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
+            raise PassError(f"Quantize(group_size={self.group_size!r}): use None (per channel) or "
+                            "a positive int such as 32, 64 or 128")
+        if not self.symmetric and self.weights not in ("int8", "int4"):
+            raise PassError(f"Quantize(symmetric=False): zero points apply to int8/int4, not "
+                            f"{self.weights!r}")
         if self.activations is not None:
             raise PassError(f"Quantize(activations={self.activations!r}): activation "
                             "quantization is not implemented yet (weight-only)")
@@ -71,7 +76,9 @@ class Quantize:
             raise PassError(f"Quantize(method={self.method!r}): only 'rtn' is implemented yet")
 
     def _config(self) -> str:
-        parts = [f"weights={self.weights!r}", "per-channel symmetric", f"method={self.method!r}"]
+        gran = "per-channel" if self.group_size is None else f"group_size={self.group_size}"
+        parts = [f"weights={self.weights!r}", gran, "symmetric" if self.symmetric else "asymmetric",
+                 f"method={self.method!r}"]
         rule = PathRule(self.include, self.exclude)
         return ", ".join(parts + [rule.describe()])
 
@@ -127,12 +134,32 @@ class Quantize:
                 if u.site.in_custom_derivative:
                     report.notes.append(f"{path}: used inside a custom derivative region; it is "
                                         "dequantized at the region boundary")
-            replacements[path] = _make(leaf, tuple(sorted(reduce_axes)), path)
+            self._check_shape(path, leaf, tuple(sorted(reduce_axes)))
+            replacements[path] = _make(leaf, tuple(sorted(reduce_axes)), path, self.weights,
+                                       self.group_size, self.symmetric)
 
         if not replacements:
             raise PassError(self._nothing_matched(program, rule, uses_by_param))
         rules = Rules({"dot_general": dot_general_rule}, structured_only=frozenset({"dot_general"}))
         return PassResult(replacements, rules, report, tolerance=5e-2)
+
+    def _check_shape(self, path, leaf, reduce_axes) -> None:
+        if self.group_size is not None:
+            if len(reduce_axes) != 1:
+                raise PassError(f"Quantize(group_size={self.group_size}): {path} is contracted over "
+                                f"axes {list(reduce_axes)} of shape {tuple(leaf.shape)}; groups need "
+                                "one contracting axis (exclude it, or use group_size=None)")
+            n = leaf.shape[reduce_axes[0]]
+            if n % self.group_size:
+                ok = [g for g in (32, 64, 128, 256) if n % g == 0]
+                raise PassError(f"Quantize(group_size={self.group_size}): {path} has contracting "
+                                f"dimension {n} (axis {reduce_axes[0]} of {tuple(leaf.shape)}), not "
+                                f"divisible by {self.group_size}; group sizes that divide it: {ok}")
+        if self.weights in ("int4", "nf4") and leaf.shape[reduce_axes[0]] % 2:
+            raise PassError(f"Quantize(weights={self.weights!r}): {path} has an odd contracting "
+                            f"dimension {leaf.shape[reduce_axes[0]]} (axis {reduce_axes[0]} of "
+                            f"{tuple(leaf.shape)}); 4-bit codes are packed two per byte along it. "
+                            "Pad the weight or exclude it.")
 
     def _nothing_matched(self, program, rule, uses_by_param) -> str:
         done = sorted(p for p in program.history if rule.matches(p))
@@ -162,10 +189,20 @@ def _check_finite(path, leaf) -> None:
                         "scales would be meaningless. Fix the weights first.")
 
 
-_quantize_int8_jit = jax.jit(quantize_int8, static_argnums=(1,), static_argnames=("source",))
+_quantize_jit = jax.jit(quantize, static_argnums=(1,),
+                        static_argnames=("fmt", "group_size", "symmetric", "source"))
 
 
-def _make(leaf, reduce_axes, path):
+@functools.lru_cache(maxsize=4096)
+def _abstract(shape, dtype, reduce_axes, fmt, group_size, symmetric, source):
+    return jax.eval_shape(functools.partial(quantize, reduce_axes=reduce_axes, fmt=fmt,
+                                            group_size=group_size, symmetric=symmetric, source=source),
+                          jax.ShapeDtypeStruct(shape, dtype))
+
+
+def _make(leaf, reduce_axes, path, fmt, group_size, symmetric):
     if isinstance(leaf, jax.ShapeDtypeStruct):
-        return abstract_int8(leaf, reduce_axes, source=path)
-    return _quantize_int8_jit(leaf, reduce_axes, source=path)
+        return _abstract(tuple(leaf.shape), jnp.dtype(leaf.dtype), reduce_axes, fmt, group_size,
+                         symmetric, path)
+    return _quantize_jit(leaf, reduce_axes, fmt=fmt, group_size=group_size, symmetric=symmetric,
+                         source=path)

@@ -1,21 +1,33 @@
-"""QArray: a quantized weight as a structured value.
+"""QArray: a quantized weight as a structured value, and the quantizers that make one.
 
-Layout (int8, this version): ``qvalue`` holds the integer codes in the parameter's own logical
-shape and axis order; ``scale`` has the same rank with size 1 on every *reduced* axis (the axes
-one scale is shared over: the contracting axes of the matmuls that use the weight) and full size
-elsewhere. A stacked ``[L, K, N]`` weight used by a scan over layers thus gets a ``[L, 1, N]``
-scale: one per layer and output channel. The dense value is ``qvalue * scale`` cast to
-``dtype``.
+Layout
+------
+- ``qvalue`` holds the codes in the parameter's own axis order:
+  ``int8``: int8 codes in [-127, 127] (symmetric) or uint8 in [0, 255] (asymmetric);
+  ``int4`` / ``nf4``: uint8, **two codes per byte** along ``packed_axis`` (stored as a negative
+  axis, so it stays right when a scan slices leading axes): the element at even index ``2i``
+  is the low nibble of byte ``i``, index ``2i+1`` the high nibble. Symmetric int4 codes are
+  4-bit two's complement in [-7, 7]; asymmetric ones unsigned in [0, 15]; nf4 codes index the
+  QLoRA NormalFloat-4 codebook. The packed axis is the weight's contracting axis, so it must be
+  even (a clear error otherwise);
+  ``fp8``: float8_e4m3fn values.
+- ``scale`` (float32) has the same rank as the logical weight. Along each axis its size is
+  either the full size (one scale per index), 1 (shared over the axis: the matmul's contracting
+  axes for per-channel quantization), or ``size / group_size`` (one scale per contiguous group
+  along the contracting axis). A stacked ``[L, K, N]`` weight gets ``[L, 1, N]`` (per channel) or
+  ``[L, K/g, N]`` (per group) scales: one set per layer.
+- ``zero`` (asymmetric only) has the scale's shape: the dense value is ``(code - zero) * scale``.
 
-Because the scale keeps every axis, each layout-only equation applies to the scale the way it
-applies to the codes (sizes 1 stay 1), so a transposed, reshaped, sliced or scan-sliced QArray
-stays a QArray. Reduced axes are derived from shapes, never stored, so scan slicing (which drops
-the leading axis of every leaf) cannot make metadata stale.
+Because scale and zero keep every axis, layout-only equations (transpose, reshape, slicing,
+scan slicing) apply to them as to the codes, so a quantized weight stays quantized through the
+layout ops that models put between a parameter and its matmul. Group sizes and reduced axes are
+derived from shapes, never stored, so no metadata goes stale.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import numpy as np
 
@@ -25,113 +37,278 @@ from jax import lax
 
 from jaxpass.core.values import StructuredValue, reshape_groups
 
+# QLoRA's NormalFloat-4 codebook (Dettmers et al. 2023, appendix E).
+NF4_CODEBOOK = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
+
+FP8_E4M3_MAX = 448.0
+FORMATS = ("int8", "int4", "nf4", "fp8")
+
 
 @dataclasses.dataclass
 class QArray(StructuredValue):
     qvalue: jax.Array
     scale: jax.Array
-    dtype: object = dataclasses.field(default=jnp.float32, metadata=dict(static=True))
-    bits: int = dataclasses.field(default=8, metadata=dict(static=True))
-    source: str = dataclasses.field(default="", metadata=dict(static=True))
+    zero: jax.Array | None = None
+    dtype: object = jnp.float32          # logical dtype of the dense weight
+    fmt: str = "int8"                    # one of FORMATS
+    packed_axis: int | None = None       # negative axis along which two codes share a byte
+    source: str = ""                     # parameter path, for reports
 
+    # -- description ---------------------------------------------------------------------------
     @property
     def format_name(self) -> str:
-        return f"int{self.bits}"
+        return self.fmt
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.fmt in ("int8", "fp8") else 4
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero is None
 
     @property
     def shape(self):
-        return tuple(self.qvalue.shape)
+        shape = list(self.qvalue.shape)
+        if self.packed_axis is not None:
+            shape[self.packed_axis] *= 2
+        return tuple(shape)
 
-    def reduced_axes(self) -> tuple[int, ...]:
-        return tuple(d for d, (q, s) in enumerate(zip(self.qvalue.shape, self.scale.shape))
-                     if s == 1 and q != 1)
+    @property
+    def ndim(self):
+        return len(self.qvalue.shape)
 
     def describe(self) -> str:
-        return (f"int{self.bits}{list(self.qvalue.shape)} + "
-                f"{jnp.dtype(self.scale.dtype).name}{list(self.scale.shape)} scale")
+        store = f"{jnp.dtype(self.qvalue.dtype).name}{list(self.qvalue.shape)}"
+        if self.packed_axis is not None:
+            store += f" ({self.fmt}, 2 per byte along axis {self.packed_axis % self.ndim})"
+        text = f"{store} + f32{list(self.scale.shape)} scale"
+        return text + (f" + zero point" if self.zero is not None else "")
+
+    def per_channel_axes(self) -> tuple[int, ...]:
+        """Axes the scale is shared over entirely (size 1 where the weight is larger)."""
+        return tuple(d for d, (n, s) in enumerate(zip(self.shape, self.scale.shape)) if s == 1 and n != 1)
+
+    def grouped_axes(self) -> tuple[int, ...]:
+        return tuple(d for d, (n, s) in enumerate(zip(self.shape, self.scale.shape)) if 1 < s < n)
+
+    def coarse_axes(self) -> tuple[int, ...]:
+        """Axes along which the scale is not one-per-index."""
+        return tuple(d for d, (n, s) in enumerate(zip(self.shape, self.scale.shape)) if s != n)
+
+    # -- values ----------------------------------------------------------------------------------
+    def codes(self) -> jax.Array:
+        """Unpacked codes in the logical shape (int8 for int formats, indices for nf4)."""
+        if self.packed_axis is None:
+            return self.qvalue
+        return unpack_nibbles(self.qvalue, self.packed_axis, signed=self.fmt == "int4" and self.zero is None)
+
+    def code_values(self) -> jax.Array:
+        """The codes as float32 numbers before scaling (codebook lookup for nf4)."""
+        c = self.codes()
+        if self.fmt == "nf4":
+            return jnp.asarray(NF4_CODEBOOK)[c.astype(jnp.int32)]
+        c = c.astype(jnp.float32)
+        return c if self.zero is None else c - expand(self.zero, self.shape)
 
     def materialize(self):
-        return (self.qvalue.astype(jnp.float32) * self.scale.astype(jnp.float32)).astype(self.dtype)
+        return (self.code_values() * expand(self.scale, self.shape)).astype(self.dtype)
 
-    def _with(self, qvalue, scale, dtype=None) -> "QArray":
-        return QArray(qvalue, scale, self.dtype if dtype is None else dtype, self.bits, self.source)
+    def unpacked(self) -> "QArray":
+        if self.packed_axis is None:
+            return self
+        return dataclasses.replace(self, qvalue=self.codes(), packed_axis=None)
+
+    # -- layout ----------------------------------------------------------------------------------
+    def _with(self, qvalue, scale, zero, dtype=None) -> "QArray":
+        return dataclasses.replace(self, qvalue=qvalue, scale=scale, zero=zero,
+                                   dtype=self.dtype if dtype is None else dtype)
 
     def apply_layout(self, name, params, *index_operands):
-        q, s = self.qvalue, self.scale
         if name in ("copy", "copy_p"):
             return self
         if name == "convert_element_type":
             new = jnp.dtype(params["new_dtype"])
-            return self._with(q, s, new) if jnp.issubdtype(new, jnp.floating) else None
+            return dataclasses.replace(self, dtype=new) if jnp.issubdtype(new, jnp.floating) else None
+        if self.packed_axis is not None:
+            # Packing is a storage detail: a layout op on a packed weight sees its codes.
+            return self.unpacked().apply_layout(name, params, *index_operands)
+        q, s, z = self.qvalue, self.scale, self.zero
+        both = lambda f, *a: (f(s, *a), None if z is None else f(z, *a))
         if name == "transpose":
             perm = tuple(params["permutation"])
-            return self._with(jnp.transpose(q, perm), jnp.transpose(s, perm))
+            return self._with(jnp.transpose(q, perm), *both(jnp.transpose, perm))
         if name == "squeeze":
             dims = tuple(params["dimensions"])
-            return self._with(lax.squeeze(q, dims), lax.squeeze(s, dims))
+            return self._with(lax.squeeze(q, dims), *both(lax.squeeze, dims))
         if name == "broadcast_in_dim":
             shape, bdims = tuple(params["shape"]), tuple(params["broadcast_dimensions"])
+            if any(s.shape[k] not in (1, q.shape[k]) or (q.shape[k] != shape[d] and s.shape[k] != 1)
+                   for k, d in enumerate(bdims)):
+                return None
             s_shape = [1] * len(shape)
             for k, d in enumerate(bdims):
                 s_shape[d] = s.shape[k] if q.shape[k] == shape[d] else 1
-            if any(s.shape[k] != 1 and q.shape[k] != shape[d] for k, d in enumerate(bdims)):
-                return None
             return self._with(lax.broadcast_in_dim(q, shape, bdims),
-                              lax.broadcast_in_dim(s, tuple(s_shape), bdims))
+                              *both(lambda a: lax.broadcast_in_dim(a, tuple(s_shape), bdims)))
         if name == "reshape":
             if params.get("dimensions") is not None:
                 return None
             new_shape = tuple(params["new_sizes"])
-            groups = reshape_groups(q.shape, new_shape)
-            if groups is None:
+            s_shape = _reshaped_scale_shape(q.shape, s.shape, new_shape)
+            if s_shape is None:
                 return None
-            s_shape = [1] * len(new_shape)
-            for gi, go in groups:
-                kept = [s.shape[i] == q.shape[i] for i in gi if q.shape[i] != 1]
-                if kept and all(kept):
-                    for o in go:
-                        s_shape[o] = new_shape[o]
-                elif any(kept):
-                    return None  # a group mixes reduced and kept axes
-            return self._with(q.reshape(new_shape), s.reshape(s_shape))
+            return self._with(q.reshape(new_shape), *both(lambda a: a.reshape(s_shape)))
         if name == "slice":
             start, limit = params["start_indices"], params["limit_indices"]
             strides = params.get("strides") or (1,) * q.ndim
-            s_start = [0 if s.shape[d] == 1 else start[d] for d in range(q.ndim)]
-            s_limit = [1 if s.shape[d] == 1 else limit[d] for d in range(q.ndim)]
-            s_strides = [1 if s.shape[d] == 1 else strides[d] for d in range(q.ndim)]
-            return self._with(lax.slice(q, start, limit, strides),
-                              lax.slice(s, s_start, s_limit, s_strides))
+            if any(s.shape[d] != q.shape[d] and s.shape[d] != 1 and (start[d], limit[d]) != (0, q.shape[d])
+                   for d in range(q.ndim)):
+                return None
+            full = [s.shape[d] != q.shape[d] for d in range(q.ndim)]
+            st = [0 if f else start[d] for d, f in enumerate(full)]
+            li = [s.shape[d] if f else limit[d] for d, f in enumerate(full)]
+            sd = [1 if f else strides[d] for d, f in enumerate(full)]
+            return self._with(lax.slice(q, start, limit, strides), *both(lambda a: lax.slice(a, st, li, sd)))
         if name == "dynamic_slice":
             sizes = tuple(params["slice_sizes"])
-            zero = jnp.zeros((), jnp.int32)
-            s_idx = [zero if s.shape[d] == 1 else index_operands[d] for d in range(q.ndim)]
-            s_sizes = [1 if s.shape[d] == 1 else sizes[d] for d in range(q.ndim)]
+            if any(s.shape[d] not in (1, q.shape[d]) and sizes[d] != q.shape[d] for d in range(q.ndim)):
+                return None
+            zero_i = jnp.zeros((), jnp.int32)
+            full = [s.shape[d] != q.shape[d] for d in range(q.ndim)]
+            idx = [zero_i if f else index_operands[d] for d, f in enumerate(full)]
+            sz = [s.shape[d] if f else sizes[d] for d, f in enumerate(full)]
             return self._with(lax.dynamic_slice(q, index_operands, sizes),
-                              lax.dynamic_slice(s, s_idx, s_sizes))
+                              *both(lambda a: lax.dynamic_slice(a, idx, sz)))
         return None
 
 
-jax.tree_util.register_dataclass(QArray, data_fields=["qvalue", "scale"],
-                                 meta_fields=["dtype", "bits", "source"])
+jax.tree_util.register_dataclass(QArray, data_fields=["qvalue", "scale", "zero"],
+                                 meta_fields=["dtype", "fmt", "packed_axis", "source"])
 
 
-def abstract_int8(w, reduce_axes, *, source: str = "") -> QArray:
-    """The QArray :func:`quantize_int8` would return, with ShapeDtypeStruct leaves."""
-    scale_shape = tuple(1 if d in reduce_axes else n for d, n in enumerate(w.shape))
-    return QArray(jax.ShapeDtypeStruct(tuple(w.shape), jnp.int8),
-                  jax.ShapeDtypeStruct(scale_shape, jnp.float32), jnp.dtype(w.dtype), 8, source)
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+def expand(scale, shape):
+    """Broadcasts a keepdims (possibly grouped) scale to ``shape``: along an axis where the scale
+    has ``m`` entries for ``n`` elements, each entry covers ``n / m`` contiguous elements."""
+    s = scale
+    for d, (n, m) in enumerate(zip(shape, scale.shape)):
+        if 1 < m < n:
+            s = jnp.repeat(s, n // m, axis=d)
+    return s
+
+
+def _reshaped_scale_shape(q_shape, s_shape, new_shape):
+    groups = reshape_groups(q_shape, new_shape)
+    if groups is None:
+        return None
+    out = [1] * len(new_shape)
+    for gi, go in groups:
+        kinds = {("full" if s_shape[i] == q_shape[i] else "one" if s_shape[i] == 1 else "grouped")
+                 for i in gi if q_shape[i] != 1}
+        if kinds == {"full"}:
+            for o in go:
+                out[o] = new_shape[o]
+        elif kinds == {"grouped"} and len(gi) == 1 and len([o for o in go if new_shape[o] != 1]) == 1:
+            o = next(o for o in go if new_shape[o] != 1)
+            out[o] = s_shape[gi[0]]
+        elif kinds - {"one"}:
+            return None  # a group mixes shared and per-index axes, or splits groups
+    return tuple(out)
+
+
+def pack_nibbles(codes, axis: int):
+    """Packs 4-bit codes (int8 in [-8, 7] or [0, 15]) two per byte along ``axis``."""
+    axis = axis % codes.ndim
+    u = (codes.astype(jnp.int32) & 0xF).astype(jnp.uint8)
+    u = jnp.moveaxis(u, axis, -1)
+    packed = u[..., 0::2] | (u[..., 1::2] << 4)
+    return jnp.moveaxis(packed, -1, axis)
+
+
+def unpack_nibbles(packed, axis: int, *, signed: bool):
+    """Inverse of :func:`pack_nibbles`: int8 codes, sign-extended when ``signed``."""
+    axis = axis % packed.ndim
+    p = jnp.moveaxis(packed, axis, -1)
+    lo, hi = p & 0xF, p >> 4
+    codes = jnp.stack([lo, hi], axis=-1).reshape(p.shape[:-1] + (p.shape[-1] * 2,)).astype(jnp.int8)
+    if signed:
+        codes = jnp.where(codes > 7, codes - 16, codes).astype(jnp.int8)
+    return jnp.moveaxis(codes, -1, axis)
+
+
+def _grouped(w, axis, group_size):
+    """``w`` with ``axis`` split into (groups, group_size), and the group axis index."""
+    n = w.shape[axis]
+    shape = w.shape[:axis] + (n // group_size, group_size) + w.shape[axis + 1:]
+    return w.reshape(shape), axis + 1
+
+
+# --------------------------------------------------------------------------------------------
+# Quantizers
+# --------------------------------------------------------------------------------------------
+
+def quantize(w, reduce_axes: Sequence[int], *, fmt: str = "int8", group_size: int | None = None,
+             symmetric: bool = True, source: str = "") -> QArray:
+    """Round-to-nearest quantization of ``w`` with scales shared over ``reduce_axes``.
+
+    With ``group_size``, ``reduce_axes`` must be one axis (the contracting axis); scales are then
+    per contiguous group of ``group_size`` along it. Formats: ``int8``, ``int4`` (packed along the
+    first reduced axis), ``nf4`` (absmax per block, packed), ``fp8`` (e4m3, absmax / 448).
+    Each dequantized element is within half a quantization step of the original (int formats).
+    """
+    reduce_axes = tuple(sorted(a % w.ndim for a in reduce_axes))
+    w32 = jnp.asarray(w, jnp.float32)
+    if group_size is not None:
+        (axis,) = reduce_axes
+        g, red = _grouped(w32, axis, group_size)
+        q = quantize(g, (red,), fmt=fmt, group_size=None, symmetric=symmetric, source=source)
+        codes = q.codes().reshape(w.shape)
+        scale = q.scale.reshape(q.scale.shape[:axis] + (-1,) + q.scale.shape[axis + 2:])
+        zero = None if q.zero is None else q.zero.reshape(scale.shape)
+        out = QArray(codes, scale, zero, jnp.dtype(w.dtype), fmt, None, source)
+        return _pack(out, axis) if fmt in ("int4", "nf4") else out
+    if fmt == "fp8":
+        amax = jnp.max(jnp.abs(w32), axis=reduce_axes, keepdims=True)
+        scale = jnp.where(amax > 0, amax / FP8_E4M3_MAX, 1.0)
+        q = (w32 / scale).astype(jnp.float8_e4m3fn)
+        return QArray(q, scale, None, jnp.dtype(w.dtype), fmt, None, source)
+    if fmt == "nf4":
+        amax = jnp.max(jnp.abs(w32), axis=reduce_axes, keepdims=True)
+        scale = jnp.where(amax > 0, amax, 1.0)
+        x = w32 / scale
+        codes = jnp.argmin(jnp.abs(x[..., None] - jnp.asarray(NF4_CODEBOOK)), axis=-1).astype(jnp.int8)
+        return _pack(QArray(codes, scale, None, jnp.dtype(w.dtype), fmt, None, source), reduce_axes[0])
+    bits = {"int8": 8, "int4": 4}[fmt]
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        amax = jnp.max(jnp.abs(w32), axis=reduce_axes, keepdims=True)
+        scale = jnp.where(amax > 0, amax / qmax, 1.0)
+        codes = jnp.clip(jnp.round(w32 / scale), -qmax, qmax).astype(jnp.int8)
+        zero = None
+    else:
+        qmax = 2 ** bits - 1
+        lo = jnp.minimum(jnp.min(w32, axis=reduce_axes, keepdims=True), 0.0)
+        hi = jnp.maximum(jnp.max(w32, axis=reduce_axes, keepdims=True), 0.0)
+        scale = jnp.where(hi > lo, (hi - lo) / qmax, 1.0)
+        zero = jnp.round(-lo / scale)
+        codes = jnp.clip(jnp.round(w32 / scale) + zero, 0, qmax)
+        codes = codes.astype(jnp.uint8 if bits == 8 else jnp.int8)
+    out = QArray(codes, scale.astype(jnp.float32), zero, jnp.dtype(w.dtype), fmt, None, source)
+    return _pack(out, reduce_axes[0]) if fmt == "int4" else out
+
+
+def _pack(q: QArray, axis: int) -> QArray:
+    return dataclasses.replace(q, qvalue=pack_nibbles(q.qvalue, axis), packed_axis=axis - q.qvalue.ndim)
 
 
 def quantize_int8(w, reduce_axes, *, source: str = "") -> QArray:
-    """Symmetric round-to-nearest int8 with one scale per slice along ``reduce_axes``.
-
-    Codes are in [-127, 127] (symmetric: -128 is unused so negation is exact); the scale is
-    ``max|w| / 127`` over the reduced axes (1 where a slice is all zeros). Each dequantized
-    element is within ``scale / 2`` of the original.
-    """
-    w32 = jnp.asarray(w, jnp.float32) if not isinstance(w, jax.ShapeDtypeStruct) else w
-    amax = jnp.max(jnp.abs(w32), axis=tuple(reduce_axes), keepdims=True)
-    scale = jnp.where(amax > 0, amax / 127.0, 1.0).astype(jnp.float32)
-    q = jnp.clip(jnp.round(w32 / scale), -127, 127).astype(jnp.int8)
-    return QArray(q, scale, jnp.dtype(w.dtype), 8, source)
+    """Symmetric per-channel int8 (codes in [-127, 127], scale ``max|w| / 127``)."""
+    return quantize(w, reduce_axes, fmt="int8", source=source)
