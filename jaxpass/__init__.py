@@ -9,9 +9,10 @@ from jaxpass import passes
 from jaxpass.core.adapters import ModelError
 from jaxpass.core.manager import VerificationError
 from jaxpass.core.pass_api import Pass, PassError, PassResult
+from jaxpass.checkpoint import load, save
 from jaxpass.transform import Transformed, transform
 
 __version__ = "0.1.0"
 
-__all__ = ["transform", "Transformed", "passes", "Pass", "PassResult", "PassError", "ModelError",
+__all__ = ["transform", "Transformed", "save", "load", "passes", "Pass", "PassResult", "PassError", "ModelError",
            "VerificationError"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import Any, Iterable, Sequence
 
@@ -62,6 +63,7 @@ class Transformed:
         self._params0 = params0_abstract
         self._method = method
         self._params_treedef = jax.tree_util.tree_structure(final.params)
+        self._static_kw = static_kw
         self.params = final.params
         self.state = final.inputs.state
         self.report = report
@@ -160,15 +162,27 @@ def transform(model, passes: Sequence = (), *, params=None, example_args: Sequen
     """
     if mode not in ("inference", "train"):
         raise ValueError(f"mode must be 'inference' or 'train', got {mode!r}")
-    passes = list(passes)
     spec = adapt(model, params)
-    example_kwargs = dict(example_kwargs or {})
+    return _build(spec, list(passes), tuple(example_args), dict(example_kwargs or {}),
+                  calibration_data, mode, check_numerics)
+
+
+def transform_abstract(model, passes: Sequence = (), *, params=None, example_args=(),
+                       example_kwargs=None, mode: str = "inference") -> Transformed:
+    """``transform`` on the model's abstract params (shapes only): the rewritten program and the
+    structure of the new params, without computing them. ``jaxpass.load`` fills them in."""
+    spec = adapt(model, params)
+    spec = dataclasses.replace(spec, params=abstract(spec.params), state=abstract(spec.state))
+    return _build(spec, list(passes), tuple(example_args), dict(example_kwargs or {}), None, mode, False)
+
+
+def _build(spec, passes, example_args, example_kwargs, calibration_data, mode, check_numerics):
     if calibration_data is not None:
         calibration_data = [tuple(c) if isinstance(c, (tuple, list)) else (c,) for c in calibration_data]
-    prog = trace_model(spec, None, spec.params, spec.state, tuple(example_args), example_kwargs,
+    prog = trace_model(spec, None, spec.params, spec.state, example_args, example_kwargs,
                        calibration_data=calibration_data, mode=mode)
     if check_numerics is None:
-        check_numerics = (bool(passes) and is_concrete((spec.params, spec.state, tuple(example_args), example_kwargs))
+        check_numerics = (bool(passes) and is_concrete((spec.params, spec.state, example_args, example_kwargs))
                           and tree_nbytes(spec.params) <= _NUMERICS_CHECK_MAX_BYTES)
     final, stages, report = run_passes(prog, passes, check_numerics=check_numerics)
     return Transformed(spec, passes, stages, final, report, abstract(spec.params),
