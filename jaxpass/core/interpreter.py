@@ -121,6 +121,11 @@ class Interpreter:
 
     # -- one equation ----------------------------------------------------------------------------
     def eval_eqn(self, ctx: RuleContext, eqn, invals):
+        # Whatever replaces an equation keeps its source location and name stack.
+        with compat.eqn_context(eqn):
+            return self._eval_eqn(ctx, eqn, invals)
+
+    def _eval_eqn(self, ctx: RuleContext, eqn, invals):
         name = eqn.primitive.name
         structured = [v for v in invals if is_structured(v)]
         handler = self.rules.handlers.get(name)

@@ -25,7 +25,7 @@ from jaxpass.core.interpreter import EventLog, Interpreter, Rules
 from jaxpass.core.pass_api import PassError, PassResult
 from jaxpass.core.program import Inputs, Program, abstract, keystr, leaves_with_paths
 from jaxpass.core.report import ParamChange, PassReport, Report
-from jaxpass.core.values import is_structured, leaf_nbytes
+from jaxpass.core.values import ComponentView, is_structured, leaf_nbytes
 
 
 class VerificationError(RuntimeError):
@@ -39,6 +39,7 @@ class Stage:
     name: str
     rules: Rules
     params_after: Any       # abstract params pytree after the pass
+    replaced_nodes: frozenset = frozenset()  # structured nodes the pass replaced whole
 
 
 def split_kwargs(kwargs: dict) -> tuple[dict, tuple]:
@@ -66,13 +67,14 @@ def trace_model(spec: ModelSpec, method, params, state, args, kwargs, **program_
     return Program(closed, params, Inputs(state, tuple(args), traced_kw), out_tree, **program_kw)
 
 
-def retrace(program: Program, rules: Rules, new_params, log: EventLog) -> Program:
+def retrace(program: Program, rules: Rules, new_params, log: EventLog,
+            replaced_nodes: frozenset = frozenset()) -> Program:
     """The program rewritten by ``rules``, taking ``new_params``."""
-    treedef = jax.tree_util.tree_structure(program.params)
+    to_inputs = _stage_inputs(program.params, replaced_nodes)
     jaxpr, consts = program.jaxpr, program.consts
 
     def fn(new_params, state, args, kwargs):
-        pvals = treedef.flatten_up_to(new_params)
+        pvals = to_inputs(new_params)
         flat = list(pvals) + jax.tree_util.tree_leaves((state, args, kwargs))
         return Interpreter(rules, log).run(jaxpr, consts, flat)
 
@@ -117,20 +119,57 @@ def check_order(passes: Sequence) -> None:
                     "CompressKV, Shard, LowerToPallas)")
 
 
-def _apply_replacements(program: Program, result: PassResult, pass_name: str):
+def _known_nodes(program: Program) -> dict:
+    """Every replaceable thing by path: array leaves and structured-value nodes."""
     known = dict(program.param_leaves)
+    known.update(program.structured_params())
+    return known
+
+
+def _apply_replacements(program: Program, result: PassResult, pass_name: str):
+    known = _known_nodes(program)
     for path, value in result.params.items():
         if path not in known:
             raise PassError(f"{pass_name} replaced unknown parameter {path!r}")
         old = known[path]
+        if is_structured(old) and not is_structured(value):
+            raise PassError(f"{pass_name} replaced the {old.format_name} node {path} by a plain "
+                            "array; a compressed node is replaced by another structured value")
         if not is_structured(value) and tuple(value.shape) != tuple(old.shape):
             raise PassError(f"{pass_name} replaced {path} {tuple(old.shape)} by an array of "
                             f"shape {tuple(value.shape)}; dense replacements must keep the shape")
+    repl = result.params
 
-    def replace(path, leaf):
-        return result.params.get(keystr(path), leaf)
+    def replace(path, x):
+        key = keystr(path)
+        if key in repl:
+            return repl[key]
+        if is_structured(x):  # single leaves inside a structured value may be replaced too
+            return jax.tree_util.tree_map_with_path(lambda p, leaf: repl.get(key + keystr(p), leaf), x)
+        return x
 
-    return jax.tree_util.tree_map_with_path(replace, program.params)
+    return jax.tree_util.tree_map_with_path(replace, program.params, is_leaf=is_structured)
+
+
+def _stage_inputs(old_params, replaced_nodes: frozenset):
+    """Maps the new params to values for the old program's param inputs: the leaves of a
+    replaced structured node become :class:`ComponentView`s of its replacement."""
+    treedef = jax.tree_util.tree_structure(old_params)
+    if not replaced_nodes:
+        return treedef.flatten_up_to
+
+    def views(path, old, new):
+        key = keystr(path)
+        if key not in replaced_nodes:
+            return new
+        subs = [keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(old)[0]]
+        return jax.tree_util.tree_structure(old).unflatten([ComponentView(new, s) for s in subs])
+
+    def inputs(new_params):
+        proxy = jax.tree_util.tree_map_with_path(views, old_params, new_params, is_leaf=is_structured)
+        return treedef.flatten_up_to(proxy)
+
+    return inputs
 
 
 def run_passes(program: Program, passes: Sequence, *, check_numerics: bool) -> tuple[Program, list[Stage], Report]:
@@ -144,8 +183,9 @@ def run_passes(program: Program, passes: Sequence, *, check_numerics: bool) -> t
         if not isinstance(result, PassResult):
             raise TypeError(f"{name}.run must return a PassResult, got {type(result).__name__}")
         new_params = _apply_replacements(program, result, name)
+        nodes = frozenset(p for p in result.params if p in dict(program.structured_params()))
         log = EventLog()
-        new_program = retrace(program, result.rules, new_params, log)
+        new_program = retrace(program, result.rules, new_params, log, nodes)
         history = dict(program.history)
         for path in result.params:
             history[path] = history.get(path, ()) + (name,)
@@ -153,7 +193,7 @@ def run_passes(program: Program, passes: Sequence, *, check_numerics: bool) -> t
         _verify(program, new_program, name)
         rep = result.report
         rep.events.extend(log.events)
-        known = dict(program.param_leaves)
+        known = _known_nodes(program)
         if not rep.changed:
             for path, value in result.params.items():
                 old = known[path]
@@ -165,7 +205,7 @@ def run_passes(program: Program, passes: Sequence, *, check_numerics: bool) -> t
                 rep.notes.append(f"output error {rep.output_error:.3e} exceeds the pass's expected "
                                  f"bound {result.tolerance:.1e} on the example inputs")
         report.passes.append(rep)
-        stages.append(Stage(name, result.rules, abstract(new_params)))
+        stages.append(Stage(name, result.rules, abstract(new_params), nodes))
         program = new_program
     report.params_bytes_after = sum(leaf_nbytes(x) for _, x in program.param_leaves)
     return program, stages, report
@@ -185,5 +225,5 @@ def _verify(before: Program, after: Program, name: str) -> None:
 def replay(program: Program, stages: Sequence[Stage]) -> Program:
     """Re-applies recorded stages to a freshly traced program (other shapes, other method)."""
     for st in stages:
-        program = retrace(program, st.rules, st.params_after, EventLog())
+        program = retrace(program, st.rules, st.params_after, EventLog(), st.replaced_nodes)
     return program

@@ -123,3 +123,47 @@ def reshape_groups(in_shape, out_shape):
             gj.append(j); j += 1
         groups.append((tuple(gi), tuple(gj)))
     return groups
+
+
+class ComponentView(StructuredValue):
+    """One old leaf of a structured value that a later pass replaced as a whole.
+
+    When a pass replaces a structured parameter node (a QArray) by another structured value (the
+    same weight pre-packed for a kernel), each equation input that used to read one of the old
+    node's leaves (``['w'].qvalue``, ``['w'].scale``) now receives a view of the new value. A
+    rule that knows the new value (the kernel lowering) uses ``view.owner``; any other equation
+    gets ``owner.component(name)``, the old leaf rebuilt exactly.
+    """
+
+    def __init__(self, owner, name: str):
+        self.owner = owner
+        self.name = name
+
+    @property
+    def source(self) -> str:
+        return getattr(self.owner, "source", "")
+
+    @property
+    def format_name(self) -> str:
+        return f"{self.owner.format_name}{self.name}"
+
+    def materialize(self):
+        return self.owner.component(self.name)
+
+    def apply_layout(self, primitive_name, params, *index_operands):
+        # The old leaves moved in lockstep (a transposed QArray transposes codes and scales), so
+        # a layout op on one view is the same op on the whole replacement.
+        moved = self.owner.apply_layout(primitive_name, params, *index_operands)
+        return None if moved is None else ComponentView(moved, self.name)
+
+    @property
+    def shape(self):
+        return tuple(self.materialize().shape)
+
+    @property
+    def dtype(self):
+        return self.materialize().dtype
+
+
+jax.tree_util.register_pytree_node(
+    ComponentView, lambda v: ((v.owner,), v.name), lambda name, children: ComponentView(children[0], name))

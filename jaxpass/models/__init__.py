@@ -45,5 +45,5 @@ def smollm2(**kwargs) -> tuple[Llama, Tokenizer]:
 
 
 __all__ = ["Llama", "LlamaConfig", "RopeScaling", "KVCache", "Tokenizer", "configs", "generate",
-           "from_gguf", "tokenizer_from_gguf", "from_safetensors", "smollm2", "smollm2_path", "abstract_model",
-           "random_model", "with_scan_layers"]
+           "from_gguf", "tokenizer_from_gguf", "from_safetensors", "smollm2", "smollm2_path",
+           "abstract_model", "random_model", "with_scan_layers"]

@@ -4,6 +4,7 @@ Each pass has ``run(program) -> PassResult`` and an ``order`` in the pipeline (s
 :mod:`jaxpass.core.pass_api`).
 """
 
+from jaxpass.passes.lower_to_pallas import LowerToPallas
 from jaxpass.passes.quantize import Quantize
 
-__all__ = ["Quantize"]
+__all__ = ["Quantize", "LowerToPallas"]

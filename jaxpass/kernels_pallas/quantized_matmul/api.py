@@ -126,7 +126,8 @@ def quantized_matmul(x: jax.Array, w: PackedWeight, *, backend: str = "auto", co
         from jaxpass.kernels_pallas.quantized_matmul import pallas_triton
         return pallas_triton.quantized_matmul_triton(x, w, config=sel.config, interpret=interpret)
     from jaxpass.kernels_pallas.quantized_matmul import pallas_mosaic_tpu
-    return pallas_mosaic_tpu.quantized_matmul_tpu(x, w, config=sel.config, interpret=interpret)
+    cfg = tuple(sorted(dict(sel.config).items())) if sel.config else None  # hashable (static)
+    return pallas_mosaic_tpu.quantized_matmul_tpu(x, w, config=cfg, interpret=interpret)
 
 
 def int8_matmul(xq: jax.Array, x_scale: jax.Array, wq: jax.Array, w_scale: jax.Array, *,

@@ -135,7 +135,15 @@ class QArray(StructuredValue):
             new = jnp.dtype(params["new_dtype"])
             return dataclasses.replace(self, dtype=new) if jnp.issubdtype(new, jnp.floating) else None
         if self.packed_axis is not None:
-            # Packing is a storage detail: a layout op on a packed weight sees its codes.
+            if name == "transpose":  # the packed axis just moves
+                perm = tuple(params["permutation"])
+                moved = perm.index(self.packed_axis % self.ndim) - self.ndim
+                z = self.zero
+                return dataclasses.replace(self, qvalue=jnp.transpose(self.qvalue, perm),
+                                           scale=jnp.transpose(self.scale, perm),
+                                           zero=None if z is None else jnp.transpose(z, perm),
+                                           packed_axis=moved)
+            # Otherwise packing is a storage detail: the layout op sees the codes.
             return self.unpacked().apply_layout(name, params, *index_operands)
         q, s, z = self.qvalue, self.scale, self.zero
         both = lambda f, *a: (f(s, *a), None if z is None else f(z, *a))
