@@ -205,6 +205,12 @@ def scan_info(eqn) -> dict:
                 unroll=p["unroll"], split_transpose=p.get("_split_transpose", False))
 
 
+def jit_has_explicit_shardings(eqn) -> bool:
+    """Whether a jit equation was given in/out shardings (not the unspecified default)."""
+    shardings = tuple(eqn.params.get("in_shardings", ())) + tuple(eqn.params.get("out_shardings", ()))
+    return any(type(s).__name__ != "UnspecifiedValue" for s in shardings)
+
+
 def jit_inline(eqn):
     """The ``inline`` argument that re-creates a jit equation (a bool on 0.10, an enum on 0.11)."""
     return eqn.params.get("inline", False)

@@ -252,6 +252,9 @@ class Interpreter:
 
         body.__name__ = body.__qualname__ = compat.call_name(eqn)
         if eqn.primitive.name in ("jit", "pjit"):
+            if compat.jit_has_explicit_shardings(eqn):
+                ctx.record("boundary", eqn, "", "explicit in/out shardings of this nested jit were "
+                           "dropped when it was rebuilt (XLA propagates shardings instead)")
             return list(jax.jit(body, inline=compat.jit_inline(eqn))(*invals))
         return list(body(*invals))
 
