@@ -189,8 +189,8 @@ def _check_finite(path, leaf) -> None:
                         "scales would be meaningless. Fix the weights first.")
 
 
-_quantize_jit = jax.jit(quantize, static_argnums=(1,),
-                        static_argnames=("fmt", "group_size", "symmetric", "source"))
+# One compilation per (shape, format): the parameter path is attached outside the jit.
+_quantize_jit = jax.jit(quantize, static_argnums=(1,), static_argnames=("fmt", "group_size", "symmetric"))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -204,5 +204,5 @@ def _make(leaf, reduce_axes, path, fmt, group_size, symmetric):
     if isinstance(leaf, jax.ShapeDtypeStruct):
         return _abstract(tuple(leaf.shape), jnp.dtype(leaf.dtype), reduce_axes, fmt, group_size,
                          symmetric, path)
-    return _quantize_jit(leaf, reduce_axes, fmt=fmt, group_size=group_size, symmetric=symmetric,
-                         source=path)
+    q = _quantize_jit(leaf, reduce_axes, fmt=fmt, group_size=group_size, symmetric=symmetric)
+    return dataclasses.replace(q, source=path)
