@@ -2,7 +2,7 @@
 
 Default run (a few minutes on a 2-core CPU)::
 
-    jaxpass --recipe w8                      # SmolLM2-135M, int8 weights
+    jaxpass                                  # = jaxpass --recipe w8: SmolLM2-135M, int8 weights
     jaxpass --passes "quantize(weights='int4', group_size=64); compresskv(method='int8')"
     jaxpass --passes ""                      # identity transform (checks the pipeline)
 
@@ -19,7 +19,6 @@ import dataclasses
 import json
 import sys
 import time
-from typing import Any
 
 import numpy as np
 
@@ -83,22 +82,10 @@ class Measurement:
     errors: dict = dataclasses.field(default_factory=dict)
 
 
-def _timed_generate(model, init_cache, prompt, new_tokens, repeats=2):
-    """(prefill tokens/s, decode tokens/s): best of ``repeats`` timed generate calls of 1 and of
-    ``new_tokens`` tokens after a warm-up (compilation); decode time is their difference."""
-    from jaxpass.models import generate
-
-    def best(n):
-        generate(model, prompt, max_new_tokens=n, init_cache=init_cache).block_until_ready()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            generate(model, prompt, max_new_tokens=n, init_cache=init_cache).block_until_ready()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    t_prefill, t_all = best(1), best(new_tokens)
-    return prompt.size / t_prefill, prompt.shape[0] * (new_tokens - 1) / max(t_all - t_prefill, 1e-9)
+def _throughput(model, init_cache, prompt, new_tokens, repeats):
+    from jaxpass.models.generate import time_generation
+    r = time_generation(model, prompt, new_tokens, repeats=repeats, init_cache=init_cache)
+    return r["prefill_tokens_per_s"], r["decode_tokens_per_s"]
 
 
 def measure(name, model, init_cache, tok, token_ids, args, progress, task) -> Measurement:
@@ -115,9 +102,9 @@ def measure(name, model, init_cache, tok, token_ids, args, progress, task) -> Me
         ("param_bytes", lambda: evaluate.param_bytes(model)),
         ("kv_bytes_per_token", lambda: evaluate.model_kv_bytes_per_token(
             model if hasattr(model, "init_cache") else _CacheOwner(init_cache))),
-        ("throughput", lambda: _timed_generate(model, init_cache,
-                                               np.asarray([token_ids[:args.gen_prompt]], np.int32),
-                                               args.gen_tokens)),
+        ("throughput", lambda: _throughput(model, init_cache,
+                                           np.asarray([token_ids[:args.gen_prompt]], np.int32),
+                                           args.gen_tokens, args.repeats)),
     ]
     for key, fn in steps:
         progress.update(task, description=f"{name}: {key}")
@@ -175,13 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--passes", default=None,
                    help="pass list, e.g. \"quantize(weights='int8'); compresskv(method='int8')\"")
-    g.add_argument("--recipe", default=None, choices=sorted(RECIPES), help="a named pass list")
+    g.add_argument("--recipe", default=None, choices=sorted(RECIPES),
+                   help="a named pass list (default: w8 when --passes is not given)")
     p.add_argument("--context", type=int, default=256, help="perplexity window (tokens)")
     p.add_argument("--windows", type=int, default=8, help="perplexity windows")
     p.add_argument("--passkey-context", type=int, default=512)
     p.add_argument("--passkey-trials", type=int, default=2, help="per depth (0 to skip)")
     p.add_argument("--gen-prompt", type=int, default=64, help="prompt tokens for tokens/s")
-    p.add_argument("--gen-tokens", type=int, default=32, help="new tokens for tokens/s")
+    p.add_argument("--gen-tokens", type=int, default=32, help="new tokens for tokens/s (>= 2)")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs (best is kept)")
     p.add_argument("--no-baseline", action="store_true", help="measure the transformed model only")
     p.add_argument("--out", default="jaxpass_results.json")
     p.add_argument("--plot", default="jaxpass_results.png")
@@ -194,7 +183,9 @@ def run(args) -> dict:
     from rich.table import Table
 
     console = Console(stderr=True)
-    spec = RECIPES[args.recipe] if args.recipe else (args.passes or "")
+    if args.recipe is None and args.passes is None:
+        args.recipe = "w8"
+    spec = RECIPES[args.recipe] if args.recipe else args.passes
     pass_list = parse_passes(spec)
 
     from jaxpass import evaluate, models

@@ -35,6 +35,8 @@ RECIPES = {
     "W4 g64 RTN": [passes.Quantize(weights="int4", group_size=64, exclude=EMBED)],
     "W4 g64 asym RTN": [passes.Quantize(weights="int4", group_size=64, symmetric=False, exclude=EMBED)],
     "NF4 g64": [passes.Quantize(weights="nf4", group_size=64, exclude=EMBED)],
+    "W4 per-channel GPTQ": [passes.Quantize(weights="int4", method="gptq", exclude=EMBED)],
+    "W4 g64 GPTQ": [passes.Quantize(weights="int4", group_size=64, method="gptq", exclude=EMBED)],
     "W4 g32 asym RTN (aligned to the file's Q4_1 blocks)": [
         passes.Quantize(weights="int4", group_size=32, symmetric=False, exclude=EMBED)],
 }
@@ -44,7 +46,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--windows", type=int, default=8)
-    ap.add_argument("--recipes", default=",".join(RECIPES))
+    ap.add_argument("--recipes", default="|".join(RECIPES), help="'|'-separated recipe names")
+    ap.add_argument("--calib", type=int, default=16, help="calibration samples (GPTQ)")
+    ap.add_argument("--calib-len", type=int, default=512)
+    ap.add_argument("--calib-paragraph", type=int, default=800, help="first KJV chapter of calibration text")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     model, tok = models.smollm2()
@@ -52,12 +57,19 @@ def main():
     ids = tok.encode(text)
     if len(ids) < args.context * args.windows:
         raise SystemExit(f"corpus gave {len(ids)} tokens, need {args.context * args.windows}")
-    example = jnp.asarray([ids[: args.context]], jnp.int32)
+    # Calibration text: later books than the evaluation text, never overlapping it.
+    calib_ids = tok.encode(evaluate.corpus.english_text(max_chars=args.calib_len * args.calib * 6,
+                                                        start_paragraph=args.calib_paragraph))
+    calib = [(jnp.asarray([calib_ids[i * args.calib_len:(i + 1) * args.calib_len]], jnp.int32),)
+             for i in range(args.calib)]
+    example = calib[0][0]
     rows = []
     base = None
-    for name in args.recipes.split(","):
+    for name in args.recipes.split("|"):
         t0 = time.time()
-        t = jaxpass.transform(model, RECIPES[name], example_args=(example,), check_numerics=False)
+        needs = any(getattr(p, "method", "rtn") != "rtn" for p in RECIPES[name])
+        t = jaxpass.transform(model, RECIPES[name], example_args=(example,), check_numerics=False,
+                              calibration_data=calib if needs else None)
         ppl = evaluate.perplexity(t, ids, context_length=args.context, max_windows=args.windows)
         base = ppl if base is None else base
         rows.append(dict(recipe=name, passes=[repr(p) for p in RECIPES[name]], ppl=ppl,

@@ -134,7 +134,7 @@ def needle_results(model: Any, tok, context_length: int = 4096, num_needles: int
         raise ValueError(f"num_needles must be in [1, {len(NEEDLE_WORDS)}], got {num_needles}")
     rng = np.random.default_rng(seed)
     paras = corpus.paragraphs()
-    prompts, answers, samples = [], [], []
+    prompts, answers = [], []
     for _ in range(trials):
         start = int(rng.integers(0, len(paras) // 2))
         text = corpus.english_text(context_length * 8, start_paragraph=start)

@@ -45,24 +45,32 @@ def sample_token(logits, key, temperature: float, top_p: float):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.lru_cache(maxsize=64)
-def _compiled(fn, max_new_tokens: int, temperature: float, top_p: float,
-              stop_tokens: tuple[int, ...], pad_id: int):
-    """Jitted prefill and decode loop for one pure forward function and sampling setting."""
+def _is_stop(tok, stop_tokens):
     stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
+    return jnp.any(tok[:, None] == stops[None, :], axis=-1)
 
-    def is_stop(tok):
-        return jnp.any(tok[:, None] == stops[None, :], axis=-1)
+
+@functools.lru_cache(maxsize=64)
+def _compiled_prefill(fn, temperature: float, top_p: float):
+    """Jitted prefill: the prompt through ``forward_cached`` and the first sampled token."""
 
     def prefill(params, state, ids, cache, key):
         (logits, cache), state = fn(params, state, ids, cache, jnp.int32(0))
         tok = sample_token(logits[:, -1], key, temperature, top_p)
         return tok, cache, state
 
+    return jax.jit(prefill)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_decode(fn, max_new_tokens: int, temperature: float, top_p: float,
+                     stop_tokens: tuple[int, ...], pad_id: int):
+    """Jitted decode loop: one ``lax.while_loop`` over single-token ``forward_cached`` steps."""
+
     def decode(params, state, first, cache, start, key):
         b = first.shape[0]
         out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
-        done = is_stop(first)
+        done = _is_stop(first, stop_tokens)
 
         def cond(carry):
             i, _, _, _, done, _ = carry
@@ -76,13 +84,19 @@ def _compiled(fn, max_new_tokens: int, temperature: float, top_p: float,
             tok = sample_token(logits[:, -1], sub, temperature, top_p)
             tok = jnp.where(done, pad_id, tok)
             out = jax.lax.dynamic_update_index_in_dim(out, tok, i, axis=1)
-            return i + 1, out, cache, state, done | is_stop(tok), key
+            return i + 1, out, cache, state, done | _is_stop(tok, stop_tokens), key
 
         carry = (jnp.int32(1), out, cache, state, done, key)
         _, out, _, state, _, _ = jax.lax.while_loop(cond, body, carry)
         return out, state
 
-    return jax.jit(prefill), jax.jit(decode)
+    return jax.jit(decode)
+
+
+def _compiled(fn, max_new_tokens, temperature, top_p, stop_tokens, pad_id):
+    """(prefill, decode) jitted functions for one pure forward and sampling setting."""
+    return (_compiled_prefill(fn, temperature, top_p),
+            _compiled_decode(fn, max_new_tokens, temperature, top_p, stop_tokens, pad_id))
 
 
 def generate(model: Any, prompt_ids, max_new_tokens: int = 32, temperature: float = 0.0,
@@ -138,3 +152,40 @@ def greedy_reference(model, prompt_ids, max_new_tokens: int) -> np.ndarray:
         logits, _ = forward(params, state, jnp.asarray(buf))
         buf[:, i] = np.asarray(logits[:, i - 1]).argmax(-1)
     return buf
+
+
+def time_generation(model: Any, prompt_ids, new_tokens: int, repeats: int = 2,
+                    init_cache=None) -> dict:
+    """Prefill and decode throughput of :func:`generate`'s own compiled pieces.
+
+    Prefill: the jitted prompt pass; decode: the jitted ``while_loop`` over ``new_tokens``
+    tokens per row (greedy, no stop tokens). Each is compiled and warmed up, then timed as the
+    best of ``repeats`` runs. Tokens/s count all rows of the batch.
+    """
+    import time
+
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens must be >= 2 to time decoding, got {new_tokens}")
+    ids = jnp.asarray(prompt_ids, jnp.int32)
+    b, p = ids.shape
+    cache = (init_cache or _find_init_cache(model))(b, p + new_tokens)
+    fn, params, state = pure_method(model, "forward_cached")
+    prefill, decode = _compiled(fn, int(new_tokens), 0.0, 1.0, (), 0)
+    key = jax.random.key(0)
+
+    def best(f):
+        jax.block_until_ready(f())
+        times = []
+        for _ in range(max(repeats, 1)):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f())
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    t_prefill = best(lambda: prefill(params, state, ids, cache, key))
+    first, filled, _ = prefill(params, state, ids, cache, key)
+    t_decode = best(lambda: decode(params, state, first, filled, jnp.int32(p), key))
+    return {"batch": b, "prompt": p, "steps": new_tokens,
+            "prefill_tokens_per_s": b * p / t_prefill,
+            "decode_tokens_per_s": b * (new_tokens - 1) / t_decode,
+            "decode_ms_per_step": 1e3 * t_decode / (new_tokens - 1)}

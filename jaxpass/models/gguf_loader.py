@@ -1,6 +1,7 @@
 """Loading Llama-family GGUF files (llama.cpp's format) into :class:`~jaxpass.models.llama.Llama`.
 
-Quantized tensors (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, ... whatever ``gguf.quants.dequantize`` knows)
+The file is parsed by :mod:`jaxpass.models.gguf_file`; quantized tensors (Q4_0, Q4_1, Q8_0,
+Q4_K, Q6_K, ... whatever ``gguf.quants.dequantize`` knows)
 are dequantized to float32 once at load time: the model is a float model whose values are exactly
 the GGUF's dequantized weights, which is what compression passes then start from.
 
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from jaxpass.models.config import LlamaConfig, RopeScaling
+from jaxpass.models.gguf_file import read_gguf
 from jaxpass.models.llama import Llama
 from jaxpass.models.tokenizer import Tokenizer, from_gguf_fields
 from jaxpass.models.weights import load_hf_weights
@@ -33,17 +35,6 @@ _LAYER_NAMES = {
 }
 _TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
               "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
-
-
-def read_fields(reader) -> dict[str, Any]:
-    """All metadata of a ``gguf.GGUFReader`` as plain Python values."""
-    out = {}
-    for key, field in reader.fields.items():
-        try:
-            out[key] = field.contents()
-        except Exception:  # pragma: no cover - exotic field types we do not need
-            continue
-    return out
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -106,17 +97,11 @@ def config_from_fields(fields: dict[str, Any], tensor_names: set[str], **overrid
     return LlamaConfig(**kwargs)
 
 
-def gguf_tensors(reader, config: LlamaConfig, arch: str) -> tuple[dict[str, np.ndarray], Any]:
+def gguf_tensors(tensors, config: LlamaConfig, arch: str) -> tuple[dict[str, np.ndarray], Any]:
     """Dequantized tensors under Hugging Face names (+ llama.cpp's rope_freqs, if any)."""
-    from gguf import quants
     out, rope_freqs, unknown = {}, None, []
-    for t in reader.tensors:
-        try:
-            arr = quants.dequantize(t.data, t.tensor_type)
-        except NotImplementedError as e:
-            raise ValueError(f"GGUF tensor {t.name!r}: type {t.tensor_type.name} cannot be "
-                             f"dequantized by the installed gguf package ({e})") from e
-        arr = np.asarray(arr, np.float32).reshape(tuple(reversed([int(s) for s in t.shape])))
+    for t in tensors:
+        arr = t.dequantize()
         if t.name == "rope_freqs.weight":
             rope_freqs = arr
             continue
@@ -140,28 +125,26 @@ def from_gguf(path: str | os.PathLike, *, dtype="float32", param_dtype="float32"
     """``(model, tokenizer)`` from a Llama-family GGUF file.
 
     All hyperparameters come from the file's metadata; ``config_overrides`` replace fields of the
-    resulting :class:`LlamaConfig` (e.g. ``max_position_embeddings``).
+    resulting :class:`LlamaConfig` (e.g. ``max_position_embeddings``, ``scan_layers``).
     """
-    import gguf
-
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"GGUF file not found: {path}")
-    reader = gguf.GGUFReader(path)
-    fields = read_fields(reader)
-    names = {t.name for t in reader.tensors}
+    fields, tensors = read_gguf(path)
+    names = {t.name for t in tensors}
     config = config_from_fields(fields, names, dtype=dtype, param_dtype=param_dtype,
                                 **config_overrides)
-    tensors, rope_freqs = gguf_tensors(reader, config, fields["general.architecture"])
+    hf_tensors, rope_freqs = gguf_tensors(tensors, config, fields["general.architecture"])
     if rope_freqs is not None:
         config = config.replace(rope_scaling=RopeScaling(
             "freq_factors", freq_factors=tuple(float(x) for x in rope_freqs.ravel())))
-    model = load_hf_weights(config, tensors, source=path)
+    model = load_hf_weights(config, hf_tensors, source=path)
     return model, from_gguf_fields(fields)
 
 
 def tokenizer_from_gguf(path: str | os.PathLike) -> Tokenizer:
     """Only the tokenizer of a GGUF file (no tensors are dequantized)."""
-    import gguf
-
-    return from_gguf_fields(read_fields(gguf.GGUFReader(os.fspath(path))))
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    return from_gguf_fields(read_gguf(path)[0])

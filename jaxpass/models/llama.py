@@ -79,10 +79,11 @@ class Attention(nnx.Module):
     def __init__(self, config: LlamaConfig, layer: int, *, rngs: nnx.Rngs):
         c = config
         hd = c.head_dim
-        self.q_proj = Linear(c.hidden_size, c.num_heads * hd, bias=c.qkv_bias, config=c, rngs=rngs)
-        self.k_proj = Linear(c.hidden_size, c.num_kv_heads * hd, bias=c.qkv_bias, config=c, rngs=rngs)
-        self.v_proj = Linear(c.hidden_size, c.num_kv_heads * hd, bias=c.qkv_bias, config=c, rngs=rngs)
-        self.o_proj = Linear(c.num_heads * hd, c.hidden_size, bias=False, config=c, rngs=rngs)
+        d, qb = c.hidden_size, c.qkv_bias
+        self.q_proj = Linear(d, c.num_heads * hd, bias=qb, config=c, rngs=rngs)
+        self.k_proj = Linear(d, c.num_kv_heads * hd, bias=qb, config=c, rngs=rngs)
+        self.v_proj = Linear(d, c.num_kv_heads * hd, bias=qb, config=c, rngs=rngs)
+        self.o_proj = Linear(c.num_heads * hd, d, bias=False, config=c, rngs=rngs)
         self.config = c
         self.layer = layer
         self.inv_freq = tuple(float(f) for f in inv_frequencies(c))

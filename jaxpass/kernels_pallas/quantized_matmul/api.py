@@ -52,7 +52,6 @@ def select_implementation(x_shape, x_dtype, pw: PackedWeight, *, backend: str = 
     m = 1
     for d in x_shape[:-1]:
         m *= int(d)
-    k, n = pw.k, pw.n
     if backend in ("xla", "reference"):
         return Selection(backend, None, "requested")
     if backend == "triton":

@@ -16,7 +16,11 @@ Weight-only kernel (``quantized_matmul_triton``), for one program = (column bloc
 * Offsets (code bias, the 128 of the bf16 trick, zero points) and scales are not applied per
   element: per group, ``x @ ((c - off) * s) = s * (x @ c - off * sum(x))``, so the inner loop is
   unpack, dot, and one ``[block_m, block_n]`` multiply-add per group.
+* Two variants: ``block_m >= 16`` uses the tensor-core dot (Triton's minimum is 16 rows);
+  ``block_m < 16`` (at most 8 rows, decode) multiplies and row-reduces on the CUDA cores, with a
+  one-step manual prefetch of the next K step when ``num_stages >= 2``.
 * Split-K writes f32 partials ``[split_k, M, N]``; XLA adds them (one small fused reduction).
+  More programs in flight is what these latency-bound kernels need (docs/bench_matmul.md).
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu

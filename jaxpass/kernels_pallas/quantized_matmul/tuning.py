@@ -51,20 +51,24 @@ def _next_pow2(v: int) -> int:
 
 
 def default_config(m: int, k: int, n: int, bits: int) -> TritonConfig:
-    """A reasonable decode config when no tuned entry exists.
+    """A decode config for shapes with no tuned entry, from the H100 sweeps (docs/bench_matmul.md).
 
-    Enough column blocks to give every SM about two programs (the weight is read once, so
-    parallelism, not reuse, matters), small M blocks, and split-K only when N alone cannot fill
-    the machine.
+    M <= 8: the GEMV variant (one row per program row, CUDA-core reduction) with 4 K splits and
+    the one-step prefetch; larger M: the tensor-core dot variant with 16- or 64-row blocks. Split-K
+    multiplies the programs in flight, which is what these latency-bound kernels need; it is
+    reduced when N alone already gives every SM several programs.
     """
-    bm = min(64, max(16, _next_pow2(m)))
-    bn = 128
-    while bn > 16 and pl_cdiv(n, bn) < 2 * NUM_SMS_H100:
-        bn //= 2
-    split = 1
-    while split < 8 and pl_cdiv(n, bn) * split < NUM_SMS_H100:
-        split *= 2
-    bk = 128 if bits == 4 else 256
+    if m <= 8:
+        bm = _next_pow2(m)
+        bn, bk, split = 64, (128 if bits == 4 else 256), 4
+    else:
+        bm = 16 if m <= 16 else 64
+        bn, bk, split = 64, (256 if bits == 4 else 256), (4 if bits == 4 else 2)
+    while split > 1 and pl_cdiv(n, bn) * split > 8 * NUM_SMS_H100:
+        split //= 2
+    kp = k // 2 if bits == 4 else k
+    while split > 1 and pl_cdiv(kp, bk) < 2 * split:
+        split //= 2
     return TritonConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=4,
                         num_stages=3)
 

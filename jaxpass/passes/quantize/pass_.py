@@ -43,7 +43,7 @@ class Quantize:
       group_size: None (per output channel) or the group length along the contracting axis.
       symmetric: symmetric (no zero point); ``False`` stores zero points (int8/int4 only).
       activations: activation quantization (None: weight-only; others not implemented yet).
-      method: "rtn" (round to nearest).
+      method: "rtn" (round to nearest) or "gptq" (needs ``calibration_data``; int8/int4).
       include / exclude: regular expressions on parameter paths (``jax.tree_util.keystr``).
       allow_unmatched: do not raise when an ``include`` pattern matches no weight.
     """
@@ -56,6 +56,8 @@ class Quantize:
     include: str | Sequence[str] | None = None
     exclude: str | Sequence[str] | None = None
     allow_unmatched: bool = False
+    act_order: bool = True         # GPTQ: visit input rows by decreasing Hessian diagonal
+    damp: float = 0.01             # GPTQ: damping, as a fraction of the mean Hessian diagonal
 
     order: ClassVar[int] = ORDER_QUANTIZE
 
@@ -72,8 +74,11 @@ class Quantize:
         if self.activations is not None:
             raise PassError(f"Quantize(activations={self.activations!r}): activation "
                             "quantization is not implemented yet (weight-only)")
-        if self.method != "rtn":
-            raise PassError(f"Quantize(method={self.method!r}): only 'rtn' is implemented yet")
+        if self.method not in ("rtn", "gptq"):
+            raise PassError(f"Quantize(method={self.method!r}): implemented methods are 'rtn' and "
+                            "'gptq' (awq and smoothquant are not implemented yet)")
+        if self.method == "gptq" and self.weights not in ("int8", "int4"):
+            raise PassError(f"Quantize(method='gptq'): GPTQ applies to int8/int4, not {self.weights!r}")
 
     def _config(self) -> str:
         gran = "per-channel" if self.group_size is None else f"group_size={self.group_size}"
@@ -140,8 +145,55 @@ class Quantize:
 
         if not replacements:
             raise PassError(self._nothing_matched(program, rule, uses_by_param))
+        if self.method == "gptq":
+            replacements = self._gptq(program, replacements, uses_by_param, report)
         rules = Rules({"dot_general": dot_general_rule}, structured_only=frozenset({"dot_general"}))
         return PassResult(replacements, rules, report, tolerance=5e-2)
+
+    def _gptq(self, program, rtn: dict, uses_by_param, report) -> dict:
+        from jaxpass.core.calibration import collect
+        from jaxpass.passes.quantize.gptq import gptq_quantize
+
+        if not program.calibration_data:
+            raise PassError("Quantize(method='gptq') needs calibration data: "
+                            "transform(..., calibration_data=[(x1,), (x2,), ...])")
+        if not program.params_are_concrete:
+            return rtn  # abstract transform (e.g. jaxpass.load): shapes only
+        targets = {}
+        for path, q in rtn.items():
+            axes = {a for u in uses_by_param[path] for a in u.contracting_axes}
+            if len(axes) == 1:
+                targets[path] = axes.pop()
+            else:
+                report.notes.append(f"{path}: GPTQ needs one contracting axis; kept round-to-nearest")
+        stats: dict = {}
+
+        def observe(site, invals, it):
+            (lc, rc), _ = site.eqn.params["dimension_numbers"]
+            for op, (wc, xc) in enumerate(((lc, rc), (rc, lc))):
+                prov = site.in_provs[op]
+                if prov is None or prov.param not in targets or len(xc) != 1:
+                    continue
+                x = jnp.moveaxis(jnp.asarray(invals[1 - op], jnp.float32), xc[0], -1)
+                x = x.reshape(-1, x.shape[-1])
+                key = (prov.param, tuple(it[-1:]) if prov.sliced else ())
+                h, n = stats.get(key, (0.0, 0))
+                stats[key] = (h + x.T @ x, n + x.shape[0])
+
+        n = collect(program, program.calibration_data, observe, progress="GPTQ: calibration")
+        report.notes.append(f"GPTQ: Hessians from {n} calibration samples "
+                            f"(act_order={self.act_order}, damp={self.damp})")
+        out = dict(rtn)
+        items = [(p, k) for p, k in targets.items()]
+        from rich.progress import track
+        for path, k_axis in track(items, description="GPTQ: quantizing", transient=True):
+            hess = {key[1]: h / max(cnt, 1) for key, (h, cnt) in stats.items() if key[0] == path}
+            if not hess:
+                report.notes.append(f"{path}: no activations reached it; kept round-to-nearest")
+                continue
+            out[path] = gptq_quantize(program.param(path), hess, rtn[path], k_axis,
+                                      act_order=self.act_order, damp=self.damp)
+        return out
 
     def _check_shape(self, path, leaf, reduce_axes) -> None:
         if self.group_size is not None:

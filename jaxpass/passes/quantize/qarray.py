@@ -320,3 +320,17 @@ def _pack(q: QArray, axis: int) -> QArray:
 def quantize_int8(w, reduce_axes, *, source: str = "") -> QArray:
     """Symmetric per-channel int8 (codes in [-127, 127], scale ``max|w| / 127``)."""
     return quantize(w, reduce_axes, fmt="int8", source=source)
+
+
+def from_codes(codes, like: QArray, k_axis: int) -> QArray:
+    """A QArray with ``like``'s format, scales and zero points but the given (unpacked) codes
+    (as a calibration method such as GPTQ chose them), packed the way :func:`quantize` packs."""
+    codes = jnp.asarray(codes)
+    if like.fmt == "fp8":
+        q = codes.astype(jnp.float8_e4m3fn)
+    elif like.fmt == "int8" and like.zero is not None:
+        q = codes.astype(jnp.uint8)
+    else:
+        q = codes.astype(jnp.int8)
+    out = dataclasses.replace(like, qvalue=q, packed_axis=None)
+    return _pack(out, k_axis) if like.fmt in ("int4", "nf4") else out

@@ -1,0 +1,307 @@
+"""Benchmarks the quantized matmul on the GPU against XLA, and autotunes the kernel configs.
+
+For each Llama-3-8B projection shape (arg_specs.LLAMA3_8B_KN) and M, in one run:
+
+* ``bf16``     XLA ``x @ W`` with a bf16 weight;
+* ``xla_int8`` XLA with an int8 per-channel weight, convert + dot + scale in the graph;
+* ``xla_int4`` XLA with a native ``jnp.int4`` weight, group 128, convert + scale + dot in the graph;
+* ``jp_int4`` / ``jp_int8``: ``quantized_matmul(x, pw)`` (auto dispatch) for int4 g128 symmetric
+  and int8 per-channel symmetric, with the backend/config it chose;
+
+and the device-to-device copy bandwidth measured in the same run (bytes read + written), against
+which the kernels' achieved GB/s (weight + scales + x + y bytes, each once) is given in percent.
+
+Timing: each op is jitted R and 2R times into one executable, every call with its own x and its
+own weight copy (so XLA cannot merge calls and no weight is served from the 50 MB L2), and the
+time per op is (T(2R) - T(R)) / R from medians over 25 runs, which removes the host's dispatch
+cost. With ``--tune``, decode shapes (M <= 64) first sweep the kernel
+configs in ``candidates()`` and the best (or XLA, if faster) goes to tuned_configs.json, which the
+auto dispatch then uses. Full results go to $OUT (bench_results.json, tuned_configs.json).
+
+    python scripts/bench_matmul.py --tune            # on the GPU; table printed last
+    python scripts/bench_matmul.py --quick           # two shapes, decode M only
+    # as recorded in docs/bench_matmul.md (two calls, each under the device tool's 10 minutes):
+    python scripts/bench_matmul.py --tune --shapes q_o_proj,gate_up_proj,down_proj --budget_s 430
+    python scripts/bench_matmul.py --tune --shapes lm_head,square_8k --budget_s 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_kernel_check import import_kernels  # noqa: E402  (also sets up the package path)
+
+
+
+def reps_for(est_s):
+    """R: calls per executable, so that one run of R calls takes about 1.5 ms."""
+    return int(min(32, max(2, round(1.5e-3 / max(est_s, 1e-7)))))
+
+
+def _median_time(f, args, reps):
+    import jax
+    jax.block_until_ready(f(*args))
+    jax.block_until_ready(f(*args))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def time_per_op(fn, xs, ws, r, reps=25):
+    """Seconds per ``fn(x, *w)`` call, by the R / 2R slope (see module docstring).
+
+    Call i uses ``xs[i]`` and ``ws[i]`` (both lists hold >= 2R distinct arrays): no two calls in
+    one executable share an operand, so XLA can neither merge them (dot merger, CSE of the
+    dequantization) nor serve a weight from L2: every call reads its weight from memory.
+    """
+    import jax
+    assert len(xs) >= 2 * r and len(ws) >= 2 * r, (len(xs), len(ws), r)
+
+    def make(count):
+        @jax.jit
+        def run(xs_, ws_):
+            return [fn(xs_[i], *ws_[i]) for i in range(count)]
+        return run
+
+    t1 = _median_time(make(r), (list(xs[:r]), list(ws[:r])), reps)
+    t2 = _median_time(make(2 * r), (list(xs[:2 * r]), list(ws[:2 * r])), reps)
+    return max((t2 - t1) / r, 1e-9)
+
+
+def copy_bandwidth():
+    """Device-to-device bandwidth in bytes/s (read + write), same slope, 8 arrays of 256 MiB."""
+    import jax
+    import jax.numpy as jnp
+    size = 2 ** 26 if jax.default_backend() == "gpu" else 2 ** 18
+    arrs = [jnp.full((size,), float(i), jnp.float32) for i in range(8)]
+    t = time_per_op(lambda a: a + 1.0, arrs, [()] * 8, 4, reps=15)
+    del arrs
+    return 2 * 4 * size / t
+
+
+def candidates(m, k, n, bits, wide=False):
+    """Kernel configs swept for a decode problem (kept small: every one costs a Triton compile)."""
+    from jaxpass.kernels_pallas.quantized_matmul.config import TritonConfig
+    bm = min(64, max(16, 1 << max(0, (m - 1).bit_length())))
+    # Chosen from wider sweeps on the same H100 (docs/bench_matmul.md): the GEMV variant with
+    # split-K wins at M = 1; the dot variant with 2-4 K splits at M = 16..64.
+    if m <= 8:  # GEMV variant (block_m = rows per program, < 16) and one dot config
+        grid = [(m, 64, 128, 4, 4, 3), (m, 16, 256, 4, 4, 3), (m, 32, 128, 8, 4, 3),
+                (m, 64, 256, 8, 4, 3), (m, 32, 256, 4, 4, 1), (m, 64, 128, 4, 4, 1),
+                (m, 128, 256, 4, 8, 3), (16, 32, 256, 4, 4, 3)]
+        if wide:
+            grid += [(m, 32, 512, 4, 8, 3), (m, 16, 512, 8, 4, 3), (m, 64, 128, 1, 4, 3),
+                     (16, 64, 128, 2, 4, 3)]
+    else:
+        grid = [(bm, 64, 256, 4, 4, 3), (bm, 128, 128, 2, 8, 3), (bm, 64, 256, 2, 8, 3),
+                (bm, 32, 128, 2, 4, 3), (bm, 64, 128, 2, 4, 3), (bm, 32, 256, 4, 4, 3)]
+        if wide:
+            grid += [(bm, 32, 128, 4, 4, 3), (bm, 64, 128, 1, 4, 3), (bm, 16, 256, 4, 4, 3)]
+    out = []
+    for bm_, bn, bk, split, warps, stages in grid:
+        out.append(TritonConfig(bm_, bn, bk * (2 if bits == 8 else 1), split, warps, stages))
+    return out
+
+
+def make_packed(key, k, n, fmt, copies):
+    import jax
+    import jax.numpy as jnp
+    from jaxpass.kernels_pallas.quantized_matmul import layout
+    from jaxpass.kernels_pallas.quantized_matmul.arg_specs import FORMATS
+    bits, gs, sym = FORMATS[fmt]
+    g = k // (gs or k)
+    pack = jax.jit(functools.partial(layout.pack, bits=bits, group_size=gs))
+    ws = []
+    for c in range(copies):
+        kq, ks = jax.random.split(jax.random.fold_in(key, c))
+        lo, hi = (-128, 128) if bits == 8 else (-8, 8)
+        q = jax.random.randint(kq, (k, n), lo, hi, jnp.int32).astype(jnp.int8)
+        s = (jax.random.uniform(ks, (g, n), jnp.float32, 0.5, 1.5) / (8 * math.sqrt(k))
+             ).astype(jnp.bfloat16)
+        ws.append((pack(q, s),))
+    return ws
+
+
+def main():
+    import jax
+    import jax.numpy as jnp
+    qmm = import_kernels()
+    from jaxpass.kernels_pallas.quantized_matmul import api, pallas_triton, reference, tuning
+    from jaxpass.kernels_pallas.quantized_matmul.arg_specs import ALL_M, DECODE_M, LLAMA3_8B_KN
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tune", action="store_true", help="sweep configs for decode M, write table")
+    ap.add_argument("--wide", action="store_true", help="a wider config sweep")
+    ap.add_argument("--quick", action="store_true", help="two shapes, decode M only")
+    ap.add_argument("--shapes", default="", help="comma-separated shape names (arg_specs)")
+    ap.add_argument("--ms", default="", help="comma-separated M values")
+    ap.add_argument("--formats", default="int4_g128_sym,int8_pc_sym")
+    ap.add_argument("--cpu_smoke", action="store_true", help="tiny shapes, interpreter (no GPU)")
+    ap.add_argument("--budget_s", type=float, default=520.0, help="stop starting new work after")
+    args = ap.parse_args()
+    t_start = time.time()
+    out_dir = os.environ.get("OUT", "/tmp/bench_out")
+    os.makedirs(out_dir, exist_ok=True)
+
+    dev = jax.devices()[0]
+    print("jax", jax.__version__, dev.device_kind, flush=True)
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write)", flush=True)
+
+    shapes, ms = LLAMA3_8B_KN, ALL_M
+    if args.quick:
+        shapes, ms = LLAMA3_8B_KN[:2], DECODE_M
+    if args.shapes:
+        keep = args.shapes.split(",")
+        shapes = [s for s in LLAMA3_8B_KN if s[0] in keep]
+    if args.ms:
+        ms = tuple(int(v) for v in args.ms.split(","))
+    interp = args.cpu_smoke
+    if interp:
+        shapes, ms = [("tiny", 256, 384)], (1, 16, 128)
+    fmts = args.formats.split(",")
+
+    results, tuned = [], {}
+    key = jax.random.PRNGKey(0)
+    for name, k, n in shapes:
+        if time.time() - t_start > args.budget_s:
+            print(f"budget reached; skipping {name}", flush=True)
+            continue
+        wb16 = k * n * 2
+        r_max = reps_for(wb16 / bw * 2 + 2e-6)
+        cw = 2 * r_max  # a distinct weight for every call of the largest executable
+        w16 = [((jax.random.normal(jax.random.fold_in(key, 50 + c), (k, n), jnp.float32)
+                 / math.sqrt(k)).astype(jnp.bfloat16),) for c in range(cw)]
+        w8 = [(jax.random.randint(jax.random.fold_in(key, 60 + c), (k, n), -128, 128)
+               .astype(jnp.int8), jnp.full((1, n), 0.01, jnp.bfloat16)) for c in range(cw)]
+        w4 = [(jax.random.randint(jax.random.fold_in(key, 70 + c), (k, n), -8, 8)
+               .astype(jnp.int4), jnp.full((k // 128, n), 0.01, jnp.bfloat16)) for c in range(cw)]
+        packed = {fmt: make_packed(key, k, n, fmt, cw) for fmt in fmts}
+        for m in ms:
+            if time.time() - t_start > args.budget_s:
+                print(f"budget reached; skipping {name} M{m}", flush=True)
+                break
+            flops = 2 * m * k * n
+            est = max(wb16 / bw * 2, flops / 6e14) + 2e-6
+            r = min(reps_for(est), r_max)
+            xall = jax.random.normal(jax.random.fold_in(key, 900 + m), (2 * r, m, k), jnp.bfloat16)
+            xs = [xall[i] for i in range(2 * r)]
+
+            def bf16_op(x, w):
+                return x @ w
+
+            def xla8_op(x, wq, s):
+                return ((x @ wq.astype(jnp.bfloat16)).astype(jnp.float32) * s).astype(jnp.bfloat16)
+
+            def xla4_op(x, wq, s):
+                w = (wq.astype(jnp.bfloat16).reshape(k // 128, 128, n) * s[:, None, :])
+                return x @ w.reshape(k, n)
+
+            row = dict(shape=name, m=m, k=k, n=n, r=r)
+            row["bf16_us"] = 1e6 * time_per_op(bf16_op, xs, w16, r)
+            row["xla_int8_us"] = 1e6 * time_per_op(xla8_op, xs, w8, r)
+            row["xla_int4_us"] = 1e6 * time_per_op(xla4_op, xs, w4, r)
+            for fmt in fmts:
+                pws = packed[fmt]
+                pw = pws[0][0]
+                nbytes = pw.nbytes + 2 * m * k + 2 * m * n
+                fb_us = 1e6 * time_per_op(reference.quantized_matmul_xla, xs, pws, r)
+                row[f"{fmt}_fallback_us"] = fb_us
+                tkey = tuning.key(fmt, jnp.bfloat16, m, k, n)
+                if args.tune and m in DECODE_M:
+                    best, sweep = None, []
+                    for cfg in candidates(m, k, n, pw.bits, args.wide)[:(2 if interp else None)]:
+                        if pallas_triton.check_config(xs[0].shape, xs[0].dtype, pw, cfg):
+                            continue
+                        try:
+                            f = functools.partial(pallas_triton.quantized_matmul_triton,
+                                                  config=cfg, interpret=interp)
+                            t_us = 1e6 * time_per_op(f, xs, pws, r)
+                        except Exception as ex:  # noqa: BLE001
+                            print(f"  {cfg.short()} failed: {type(ex).__name__}: {str(ex)[:200]}")
+                            continue
+                        sweep.append((cfg.short(), round(t_us, 2)))
+                        if best is None or t_us < best[1]:
+                            best = (cfg, t_us)
+                    row[f"{fmt}_sweep"] = sweep
+                    if best is not None:
+                        backend = "triton" if best[1] < fb_us else "xla"
+                        tuned[tkey] = dict(backend=backend, config=best[0].to_dict(),
+                                           kernel_us=round(best[1], 2), xla_us=round(fb_us, 2),
+                                           bf16_us=round(row["bf16_us"], 2),
+                                           device=dev.device_kind)
+                    print(f"  {name} M{m} {fmt}: fallback {fb_us:.2f} sweep {sweep}", flush=True)
+                elif args.tune:
+                    tuned[tkey] = dict(backend="xla", config=None, xla_us=round(fb_us, 2),
+                                       bf16_us=round(row["bf16_us"], 2), device=dev.device_kind)
+                if args.tune:  # the auto dispatch below then reads the table as tuned so far
+                    _write_table(tuning.TUNED_PATH, tuned, dev, keep_existing=True)
+                    tuning._table.cache_clear()
+                sel = api.select_implementation(xs[0].shape, xs[0].dtype, pw,
+                                                platform="gpu" if interp else None)
+                t_us = 1e6 * time_per_op(functools.partial(qmm.quantized_matmul, interpret=interp),
+                                         xs, pws, r)
+                row[f"{fmt}_us"] = t_us
+                row[f"{fmt}_backend"] = sel.backend + (
+                    f":{sel.config.short()}" if sel.config is not None else "")
+                row[f"{fmt}_gbps"] = nbytes / (t_us * 1e-6) / 1e9
+                row[f"{fmt}_pct_bw"] = 100 * nbytes / (t_us * 1e-6) / bw
+                row[f"{fmt}_x_bf16"] = row["bf16_us"] / t_us
+            results.append(row)
+            print(json.dumps({k_: (round(v, 2) if isinstance(v, float) else v)
+                              for k_, v in row.items() if not k_.endswith("sweep")}), flush=True)
+            del xall, xs
+        del w16, w8, w4, packed
+
+    with open(os.path.join(out_dir, "bench_results.json"), "w") as f:
+        json.dump(dict(device=dev.device_kind, jax=jax.__version__, copy_bw_gbps=bw / 1e9,
+                       date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                       argv=sys.argv, results=results), f, indent=1)
+    if args.tune:
+        _write_table(os.path.join(out_dir, "tuned_configs.json"), {}, dev, keep_existing=False,
+                     src=tuning.TUNED_PATH)
+
+    print(f"\ndevice {dev.device_kind}, jax {jax.__version__}, copy bandwidth "
+          f"{bw / 1e9:.0f} GB/s; times in us; x = speed-up over bf16; %bw of the copy bandwidth")
+    cols = [f for f in ("int8_pc_sym", "int4_g128_sym") if f in fmts]
+    hdr = "| shape | M | bf16 | xla int8 | xla int4 |"
+    for f in cols:
+        hdr += f" jp {f} | x bf16 | %bw | backend |"
+    print(hdr)
+    print("|" + "---|" * (hdr.count("|") - 1))
+    for r_ in results:
+        line = (f"| {r_['shape']} {r_['k']}x{r_['n']} | {r_['m']} | {r_['bf16_us']:.1f} | "
+                f"{r_['xla_int8_us']:.1f} | {r_['xla_int4_us']:.1f} |")
+        for f in cols:
+            line += (f" {r_[f + '_us']:.1f} | {r_[f + '_x_bf16']:.2f} | {r_[f + '_pct_bw']:.0f} |"
+                     f" {r_[f + '_backend']} |")
+        print(line)
+    print(f"total {time.time() - t_start:.0f} s")
+
+
+def _write_table(path, entries, dev, keep_existing, src=None):
+    table = {}
+    src = src or path
+    if (keep_existing or src != path) and os.path.exists(src):
+        with open(src) as f:
+            table = json.load(f).get("entries", {})
+    table.update(entries)
+    with open(path, "w") as f:
+        json.dump(dict(note="written by scripts/bench_matmul.py --tune; keys: "
+                            "format|x dtype|M bucket|K|N", device=dev.device_kind,
+                       entries=table), f, indent=1, sort_keys=True)
+
+
+if __name__ == "__main__":
+    main()
