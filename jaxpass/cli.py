@@ -104,7 +104,8 @@ def measure(name, model, init_cache, tok, token_ids, args, progress, task) -> Me
             model if hasattr(model, "init_cache") else _CacheOwner(init_cache))),
         ("throughput", lambda: _throughput(model, init_cache,
                                            np.asarray([token_ids[:args.gen_prompt]], np.int32),
-                                           args.gen_tokens, args.repeats)),
+                                           args.gen_tokens, args.repeats)
+         if args.gen_tokens else (None, None)),
     ]
     for key, fn in steps:
         progress.update(task, description=f"{name}: {key}")
@@ -169,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passkey-context", type=int, default=512)
     p.add_argument("--passkey-trials", type=int, default=2, help="per depth (0 to skip)")
     p.add_argument("--gen-prompt", type=int, default=64, help="prompt tokens for tokens/s")
-    p.add_argument("--gen-tokens", type=int, default=32, help="new tokens for tokens/s (>= 2)")
+    p.add_argument("--gen-tokens", type=int, default=32, help="new tokens for tokens/s (>= 2; 0 skips)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs (best is kept)")
     p.add_argument("--no-baseline", action="store_true", help="measure the transformed model only")
     p.add_argument("--out", default="jaxpass_results.json")

@@ -82,12 +82,28 @@ class Transformed:
     def program(self) -> Program:
         return self._final
 
+    @property
+    def model(self):
+        """The model as it was given to ``transform`` (untouched); e.g. ``t.model.init_cache``."""
+        return self._spec.model
+
+    def pure_fn(self, method: str | None = None):
+        """``fn(params, state, *args) -> (output, new_state)`` for a method, the same function
+        object on every call (so callers can key their jit caches on it)."""
+        key = method or "__call__"
+        fns = self.__dict__.setdefault("_pure_fns", {})
+        if key not in fns:
+            t = self if key == "__call__" else self.method(key)
+            fns[key] = lambda params, state, *args: t.apply_with_state(params, state, *args)
+        return fns[key]
+
     def method(self, name: str) -> "Transformed":
         """The same transformation applied to another method of the model (e.g. decode)."""
         t = Transformed.__new__(Transformed)
         t.__dict__.update(self.__dict__)
         t._method = name
         t._cache = {}
+        t._pure_fns = {}
         t._lock = threading.Lock()
         return t
 

@@ -42,6 +42,7 @@ class ModelSpec:
     state: Any
     make_pure: Callable[[str | None], Callable]
     description: str = ""
+    model: Any = None          # the model as given (never mutated), e.g. for its init_cache
 
     def pure(self, method: str | None = None) -> Callable:
         return self.make_pure(method)
@@ -83,19 +84,21 @@ def adapt(model, params=None) -> ModelSpec:
         if params is not None:
             raise ModelError("params= is not used with a Flax NNX module: its nnx.Param "
                              "variables are the params. Pass the module alone.")
-        return _nnx_spec(model)
+        return dataclasses.replace(_nnx_spec(model), model=model)
     if _is_linen_module(model):
         if params is None:
             raise ModelError("a Flax Linen module needs its variables: transform(module, "
                              "params=variables, ...) (or pass module.apply with params=).")
-        return _fn_spec(model.apply, params, f"linen {type(model).__name__}.apply")
+        return dataclasses.replace(_fn_spec(model.apply, params, f"linen {type(model).__name__}.apply"),
+                                   model=model)
     if params is not None:
         if not callable(model):
             raise ModelError(f"model must be callable as model(params, *args); got {type(model).__name__}")
-        return _fn_spec(model, params, getattr(model, "__name__", type(model).__name__))
+        return dataclasses.replace(_fn_spec(model, params, getattr(model, "__name__", type(model).__name__)),
+                                   model=model)
     leaves = jax.tree_util.tree_leaves(model)
     if callable(model) and any(_is_array_like(x) for x in leaves):
-        return _pytree_spec(model)
+        return dataclasses.replace(_pytree_spec(model), model=model)
     if callable(model):
         raise ModelError(
             f"{getattr(model, '__name__', type(model).__name__)} is a plain function with no "
@@ -176,8 +179,8 @@ def pure_method(model_or_transformed, method: str | None = None):
     from jaxpass.transform import Transformed  # late: transform builds on this module
 
     if isinstance(model_or_transformed, Transformed):
-        t = model_or_transformed.method(method) if method not in (None, "__call__") else model_or_transformed
-        return (lambda params, state, *args: t.apply_with_state(params, state, *args)), t.params, t.state
+        t = model_or_transformed
+        return t.pure_fn(method), t.params, t.state
     spec = adapt(model_or_transformed)
     pure = spec.pure(method)
     return (lambda params, state, *args: pure(params, state, args, {})), spec.params, spec.state

@@ -316,6 +316,16 @@ def make_primitive(name: str, impl: Callable, *, multiple_results: bool = False)
         out = impl(*args, **params)
         return list(out) if multiple_results else out
 
+    compiled: dict = {}
+
+    def eager_rule(*args, **params):
+        # Eager calls (outside any trace) run the impl compiled, once per static params.
+        key = tuple(sorted(params.items()))
+        fn = compiled.get(key)
+        if fn is None:
+            fn = compiled[key] = jax.jit(functools.partial(impl_rule, **params))
+        return fn(*args)
+
     shape_cache: dict = {}
 
     def abstract_eval(*avals, **params):
@@ -346,7 +356,7 @@ def make_primitive(name: str, impl: Callable, *, multiple_results: bool = False)
             return list(out), [0] * len(out)
         return out, 0
 
-    prim.def_impl(impl_rule)
+    prim.def_impl(eager_rule)
     prim.def_abstract_eval(abstract_eval)
     ad.primitive_jvps[prim] = jvp_rule
     batching.primitive_batchers[prim] = batch_rule

@@ -135,6 +135,8 @@ def _lowerable(site, q: QArray) -> str | None:
     p = site.eqn.params
     if q.fmt not in LOWERABLE_FORMATS:
         return f"format {q.fmt} has no kernel (kernels take {LOWERABLE_FORMATS})"
+    if q.in_scale is not None:
+        return "AWQ input scales are not lowered in this version"
     if p["weight_operand"] != 1:
         return "the weight is the left operand"
     (lc, rc), (lb, rb) = p["dimension_numbers"]
@@ -176,7 +178,7 @@ class LowerToPallas:
                             "Quantize pass before it (passes=[Quantize(...), LowerToPallas()])")
         leaf_owner = {}
         for node, q in nodes.items():
-            for sub in (".qvalue", ".scale", ".zero"):
+            for sub in (".qvalue", ".scale", ".zero", ".in_scale"):
                 leaf_owner[node + sub] = node
         sites_by_node, why_not = defaultdict(list), {}
         for site in program.provenance:

@@ -70,6 +70,9 @@ def check_config(x_shape, x_dtype, pw: PackedWeight, cfg: TritonConfig) -> str |
         return f"split_k={cfg.split_k} must be >= 1"
     if x_dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
         return f"x dtype {x_dtype} is not bf16/f16/f32"
+    stored_k = pw.k // 2 if pw.bits == 4 else pw.k
+    if cfg.block_k > stored_k:
+        return f"block_k={cfg.block_k} is longer than the {stored_k} stored columns of K={pw.k}"
     if sub_block(pw, cfg.block_k) == 0:
         return (f"group_size={pw.group_size} has no power-of-two sub-block of >= 16 stored "
                 f"columns within block_k={cfg.block_k}")

@@ -67,6 +67,8 @@ def default_config(m: int, k: int, n: int, bits: int) -> TritonConfig:
     while split > 1 and pl_cdiv(n, bn) * split > 8 * NUM_SMS_H100:
         split //= 2
     kp = k // 2 if bits == 4 else k
+    while bk > 16 and bk > kp:  # small K: a block no longer than the stored columns
+        bk //= 2
     while split > 1 and pl_cdiv(kp, bk) < 2 * split:
         split //= 2
     return TritonConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=4,

@@ -39,8 +39,11 @@ def _scale_to_output(scale, dimension_numbers, weight_operand, x_ndim):
     return s.reshape(shape)
 
 
-def _weight(qvalue, scale, zero, dtype, fmt, packed_axis) -> QArray:
-    return QArray(qvalue, scale, zero, dtype, fmt, packed_axis)
+def _weight(qvalue, scale, rest, dtype, fmt, packed_axis, has_zero, has_in_scale) -> QArray:
+    rest = list(rest)
+    zero = rest.pop(0) if has_zero else None
+    in_scale = rest.pop(0) if has_in_scale else None
+    return QArray(qvalue, scale, zero, dtype, fmt, packed_axis, "", in_scale)
 
 
 def is_per_channel(w: QArray, contracting) -> bool:
@@ -49,13 +52,19 @@ def is_per_channel(w: QArray, contracting) -> bool:
             and all(w.scale.shape[d] == 1 for d in contracting))
 
 
-def _quantized_dot_general(x, qvalue, scale, *zero, dimension_numbers, weight_operand, precision,
-                           out_dtype, dtype, fmt, packed_axis):
-    w = _weight(qvalue, scale, zero[0] if zero else None, dtype, fmt, packed_axis)
+def _quantized_dot_general(x, qvalue, scale, *rest, dimension_numbers, weight_operand, precision,
+                           out_dtype, dtype, fmt, packed_axis, has_zero=False, has_in_scale=False):
+    w = _weight(qvalue, scale, rest, dtype, fmt, packed_axis, has_zero, has_in_scale)
     compute = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
     (lc, rc), _ = dimension_numbers
-    contracting = rc if weight_operand == 1 else lc
-    per_channel = is_per_channel(w, contracting)
+    contracting, x_contracting = (rc, lc) if weight_operand == 1 else (lc, rc)
+    per_channel = is_per_channel(w, contracting) and (w.in_scale is None or len(contracting) == 1)
+    if per_channel and w.in_scale is not None:
+        # Activation-aware scaling: x * in_scale along the contracting axis, codes unchanged.
+        v = w.in_scale.reshape(-1).astype(jnp.float32)
+        shape = [1] * x.ndim
+        shape[x_contracting[0]] = v.shape[0]
+        x = (x.astype(jnp.float32) * v.reshape(shape))
     wv = (w.code_values() if per_channel else w.materialize()).astype(compute)
     x = x.astype(compute)
     lhs, rhs = (x, wv) if weight_operand == 1 else (wv, x)
@@ -82,8 +91,9 @@ def dot_general_rule(ctx, eqn, invals):
         x = x.materialize()
     dims = eqn.params["dimension_numbers"]
     ctx.record("rewrite", eqn, w.source, f"dot_general -> quantized_dot_general ({w.fmt})")
-    operands = (x, w.qvalue, w.scale) + (() if w.zero is None else (w.zero,))
+    operands = (x, w.qvalue, w.scale) + tuple(a for a in (w.zero, w.in_scale) if a is not None)
     return quantized_dot_general(
         *operands, dimension_numbers=dims, weight_operand=w_idx,
         precision=eqn.params.get("precision"), out_dtype=jnp.dtype(eqn.outvars[0].aval.dtype),
-        dtype=jnp.dtype(w.dtype), fmt=w.fmt, packed_axis=w.packed_axis)
+        dtype=jnp.dtype(w.dtype), fmt=w.fmt, packed_axis=w.packed_axis,
+        has_zero=w.zero is not None, has_in_scale=w.in_scale is not None)

@@ -57,6 +57,7 @@ class QArray(StructuredValue):
     fmt: str = "int8"                    # one of FORMATS
     packed_axis: int | None = None       # negative axis along which two codes share a byte
     source: str = ""                     # parameter path, for reports
+    in_scale: jax.Array | None = None    # AWQ: per input channel, applied to the activation
 
     # -- description ---------------------------------------------------------------------------
     @property
@@ -87,7 +88,8 @@ class QArray(StructuredValue):
         if self.packed_axis is not None:
             store += f" ({self.fmt}, 2 per byte along axis {self.packed_axis % self.ndim})"
         text = f"{store} + f32{list(self.scale.shape)} scale"
-        return text + (f" + zero point" if self.zero is not None else "")
+        text += " + zero point" if self.zero is not None else ""
+        return text + (f" + f32{list(self.in_scale.shape)} input scale" if self.in_scale is not None else "")
 
     def per_channel_axes(self) -> tuple[int, ...]:
         """Axes the scale is shared over entirely (size 1 where the weight is larger)."""
@@ -116,7 +118,10 @@ class QArray(StructuredValue):
         return c if self.zero is None else c - expand(self.zero, self.shape)
 
     def materialize(self):
-        return (self.code_values() * expand(self.scale, self.shape)).astype(self.dtype)
+        w = self.code_values() * expand(self.scale, self.shape)
+        if self.in_scale is not None:
+            w = w * self.in_scale
+        return w.astype(self.dtype)
 
     def unpacked(self) -> "QArray":
         if self.packed_axis is None:
@@ -128,6 +133,10 @@ class QArray(StructuredValue):
         return dataclasses.replace(self, qvalue=qvalue, scale=scale, zero=zero,
                                    dtype=self.dtype if dtype is None else dtype)
 
+    def _side_arrays(self) -> dict:
+        """Keepdims arrays that follow the codes through layout ops (by field name)."""
+        return {f: getattr(self, f) for f in ("scale", "zero", "in_scale") if getattr(self, f) is not None}
+
     def apply_layout(self, name, params, *index_operands):
         if name in ("copy", "copy_p"):
             return self
@@ -138,64 +147,85 @@ class QArray(StructuredValue):
             if name == "transpose":  # the packed axis just moves
                 perm = tuple(params["permutation"])
                 moved = perm.index(self.packed_axis % self.ndim) - self.ndim
-                z = self.zero
+                side = {f: jnp.transpose(a, perm) for f, a in self._side_arrays().items()}
                 return dataclasses.replace(self, qvalue=jnp.transpose(self.qvalue, perm),
-                                           scale=jnp.transpose(self.scale, perm),
-                                           zero=None if z is None else jnp.transpose(z, perm),
-                                           packed_axis=moved)
+                                           packed_axis=moved, **side)
             # Otherwise packing is a storage detail: the layout op sees the codes.
             return self.unpacked().apply_layout(name, params, *index_operands)
-        q, s, z = self.qvalue, self.scale, self.zero
-        both = lambda f, *a: (f(s, *a), None if z is None else f(z, *a))
-        if name == "transpose":
-            perm = tuple(params["permutation"])
-            return self._with(jnp.transpose(q, perm), *both(jnp.transpose, perm))
-        if name == "squeeze":
-            dims = tuple(params["dimensions"])
-            return self._with(lax.squeeze(q, dims), *both(lax.squeeze, dims))
-        if name == "broadcast_in_dim":
-            shape, bdims = tuple(params["shape"]), tuple(params["broadcast_dimensions"])
-            if any(s.shape[k] not in (1, q.shape[k]) or (q.shape[k] != shape[d] and s.shape[k] != 1)
-                   for k, d in enumerate(bdims)):
+        q = self.qvalue
+        new_q = _layout_codes(name, params, q, index_operands)
+        if new_q is None:
+            return None
+        side = {}
+        for field, a in self._side_arrays().items():
+            moved = _layout_side(name, params, q.shape, a, index_operands)
+            if moved is None:
                 return None
-            s_shape = [1] * len(shape)
-            for k, d in enumerate(bdims):
-                s_shape[d] = s.shape[k] if q.shape[k] == shape[d] else 1
-            return self._with(lax.broadcast_in_dim(q, shape, bdims),
-                              *both(lambda a: lax.broadcast_in_dim(a, tuple(s_shape), bdims)))
-        if name == "reshape":
-            if params.get("dimensions") is not None:
-                return None
-            new_shape = tuple(params["new_sizes"])
-            s_shape = _reshaped_scale_shape(q.shape, s.shape, new_shape)
-            if s_shape is None:
-                return None
-            return self._with(q.reshape(new_shape), *both(lambda a: a.reshape(s_shape)))
-        if name == "slice":
-            start, limit = params["start_indices"], params["limit_indices"]
-            strides = params.get("strides") or (1,) * q.ndim
-            if any(s.shape[d] != q.shape[d] and s.shape[d] != 1 and (start[d], limit[d]) != (0, q.shape[d])
-                   for d in range(q.ndim)):
-                return None
-            full = [s.shape[d] != q.shape[d] for d in range(q.ndim)]
-            st = [0 if f else start[d] for d, f in enumerate(full)]
-            li = [s.shape[d] if f else limit[d] for d, f in enumerate(full)]
-            sd = [1 if f else strides[d] for d, f in enumerate(full)]
-            return self._with(lax.slice(q, start, limit, strides), *both(lambda a: lax.slice(a, st, li, sd)))
-        if name == "dynamic_slice":
-            sizes = tuple(params["slice_sizes"])
-            if any(s.shape[d] not in (1, q.shape[d]) and sizes[d] != q.shape[d] for d in range(q.ndim)):
-                return None
-            zero_i = jnp.zeros((), jnp.int32)
-            full = [s.shape[d] != q.shape[d] for d in range(q.ndim)]
-            idx = [zero_i if f else index_operands[d] for d, f in enumerate(full)]
-            sz = [s.shape[d] if f else sizes[d] for d, f in enumerate(full)]
-            return self._with(lax.dynamic_slice(q, index_operands, sizes),
-                              *both(lambda a: lax.dynamic_slice(a, idx, sz)))
-        return None
+            side[field] = moved
+        return dataclasses.replace(self, qvalue=new_q, **side)
 
 
-jax.tree_util.register_dataclass(QArray, data_fields=["qvalue", "scale", "zero"],
+def _layout_codes(name, params, q, index_operands):
+    if name == "transpose":
+        return jnp.transpose(q, tuple(params["permutation"]))
+    if name == "squeeze":
+        return lax.squeeze(q, tuple(params["dimensions"]))
+    if name == "broadcast_in_dim":
+        return lax.broadcast_in_dim(q, tuple(params["shape"]), tuple(params["broadcast_dimensions"]))
+    if name == "reshape":
+        return None if params.get("dimensions") is not None else q.reshape(tuple(params["new_sizes"]))
+    if name == "slice":
+        return lax.slice(q, params["start_indices"], params["limit_indices"], params.get("strides"))
+    if name == "dynamic_slice":
+        return lax.dynamic_slice(q, index_operands, tuple(params["slice_sizes"]))
+    return None
+
+
+def _layout_side(name, params, q_shape, a, index_operands):
+    """A keepdims side array (scale, zero point, input scale) after a layout op on the codes.
+
+    Along each axis the side array is full-size, size 1 (shared) or grouped; a slice that cuts
+    into a shared or grouped axis is refused (None), everything else follows the codes."""
+    nd = len(q_shape)
+    if name == "transpose":
+        return jnp.transpose(a, tuple(params["permutation"]))
+    if name == "squeeze":
+        return lax.squeeze(a, tuple(params["dimensions"]))
+    if name == "broadcast_in_dim":
+        shape, bdims = tuple(params["shape"]), tuple(params["broadcast_dimensions"])
+        if any(a.shape[k] not in (1, q_shape[k]) or (q_shape[k] != shape[d] and a.shape[k] != 1)
+               for k, d in enumerate(bdims)):
+            return None
+        a_shape = [1] * len(shape)
+        for k, d in enumerate(bdims):
+            a_shape[d] = a.shape[k] if q_shape[k] == shape[d] else 1
+        return lax.broadcast_in_dim(a, tuple(a_shape), bdims)
+    if name == "reshape":
+        a_shape = _reshaped_scale_shape(q_shape, a.shape, tuple(params["new_sizes"]))
+        return None if a_shape is None else a.reshape(a_shape)
+    full = [a.shape[d] == q_shape[d] for d in range(nd)]
+    if name == "slice":
+        start, limit = params["start_indices"], params["limit_indices"]
+        strides = params.get("strides") or (1,) * nd
+        if any(not f and (start[d], limit[d]) != (0, q_shape[d]) and a.shape[d] != 1
+               for d, f in enumerate(full)):
+            return None
+        st = [start[d] if f else 0 for d, f in enumerate(full)]
+        li = [limit[d] if f else a.shape[d] for d, f in enumerate(full)]
+        sd = [strides[d] if f else 1 for d, f in enumerate(full)]
+        return lax.slice(a, st, li, sd)
+    if name == "dynamic_slice":
+        sizes = tuple(params["slice_sizes"])
+        if any(not f and a.shape[d] != 1 and sizes[d] != q_shape[d] for d, f in enumerate(full)):
+            return None
+        zero_i = jnp.zeros((), jnp.int32)
+        idx = [index_operands[d] if f else zero_i for d, f in enumerate(full)]
+        sz = [sizes[d] if f else a.shape[d] for d, f in enumerate(full)]
+        return lax.dynamic_slice(a, idx, sz)
+    return None
+
+
+jax.tree_util.register_dataclass(QArray, data_fields=["qvalue", "scale", "zero", "in_scale"],
                                  meta_fields=["dtype", "fmt", "packed_axis", "source"])
 
 
