@@ -68,3 +68,18 @@ def test_gptq_without_calibration_or_with_wrong_shapes_is_refused():
     with pytest.raises(jaxpass.PassError, match=r"calibration_data\[0\]\[0\] is float32\[4, 64\]"):
         jaxpass.transform(f, [passes.Quantize(weights="int4", method="gptq")], params=params,
                           example_args=(jnp.ones((8, D)),), calibration_data=[(jnp.ones((4, D)),)])
+
+
+def test_awq_beats_round_to_nearest_and_stores_input_scales():
+    params = {"w": jax.random.normal(jax.random.key(0), (D, H)) / 8}
+    f = lambda p, x: x @ p["w"]
+    calib, held_out = _data(16), _data(8, key=9)
+    q = dict(weights="int4", group_size=16)
+    rtn = jaxpass.transform(f, [passes.Quantize(**q)], params=params, example_args=calib[0])
+    awq = jaxpass.transform(f, [passes.Quantize(**q, method="awq")], params=params,
+                            example_args=calib[0], calibration_data=calib)
+    w = awq.params["w"]
+    assert w.in_scale is not None and w.in_scale.shape == (D, 1)
+    assert _layer_err(awq, params, f, held_out) < _layer_err(rtn, params, f, held_out)
+    # The program is the matmul of the dequantized (input-scaled) weight.
+    np.testing.assert_allclose(awq(held_out[0][0]), held_out[0][0] @ w.materialize(), rtol=2e-4, atol=2e-4)

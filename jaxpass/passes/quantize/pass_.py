@@ -43,7 +43,8 @@ class Quantize:
       group_size: None (per output channel) or the group length along the contracting axis.
       symmetric: symmetric (no zero point); ``False`` stores zero points (int8/int4 only).
       activations: activation quantization (None: weight-only; others not implemented yet).
-      method: "rtn" (round to nearest) or "gptq" (needs ``calibration_data``; int8/int4).
+      method: "rtn" (round to nearest), "gptq" (int8/int4) or "awq" (2-D weights); the last two
+        need ``calibration_data``.
       include / exclude: regular expressions on parameter paths (``jax.tree_util.keystr``).
       allow_unmatched: do not raise when an ``include`` pattern matches no weight.
     """
@@ -74,9 +75,9 @@ class Quantize:
         if self.activations is not None:
             raise PassError(f"Quantize(activations={self.activations!r}): activation "
                             "quantization is not implemented yet (weight-only)")
-        if self.method not in ("rtn", "gptq"):
-            raise PassError(f"Quantize(method={self.method!r}): implemented methods are 'rtn' and "
-                            "'gptq' (awq and smoothquant are not implemented yet)")
+        if self.method not in ("rtn", "gptq", "awq"):
+            raise PassError(f"Quantize(method={self.method!r}): implemented methods are 'rtn', "
+                            "'gptq' and 'awq' (smoothquant is not implemented yet)")
         if self.method == "gptq" and self.weights not in ("int8", "int4"):
             raise PassError(f"Quantize(method='gptq'): GPTQ applies to int8/int4, not {self.weights!r}")
 
@@ -147,25 +148,79 @@ class Quantize:
             raise PassError(self._nothing_matched(program, rule, uses_by_param))
         if self.method == "gptq":
             replacements = self._gptq(program, replacements, uses_by_param, report)
+        elif self.method == "awq":
+            replacements = self._awq(program, replacements, uses_by_param, report)
         rules = Rules({"dot_general": dot_general_rule}, structured_only=frozenset({"dot_general"}))
         return PassResult(replacements, rules, report, tolerance=5e-2)
+
+    def _single_axis_targets(self, rtn, uses_by_param, report, method, ndim=None) -> dict:
+        targets = {}
+        for path, q in rtn.items():
+            axes = {a for u in uses_by_param[path] for a in u.contracting_axes}
+            if len(axes) != 1:
+                report.notes.append(f"{path}: {method} needs one contracting axis; kept round-to-nearest")
+            elif ndim is not None and q.ndim != ndim:
+                report.notes.append(f"{path}: {method} takes {ndim}-D weights here; kept round-to-nearest")
+            else:
+                targets[path] = axes.pop()
+        return targets
+
+    def _calibration(self, program, method):
+        if not program.calibration_data:
+            raise PassError(f"Quantize(method={method!r}) needs calibration data: "
+                            "transform(..., calibration_data=[(x1,), (x2,), ...])")
+
+    def _awq(self, program, rtn: dict, uses_by_param, report) -> dict:
+        from rich.progress import track
+
+        from jaxpass.core.calibration import collect
+        from jaxpass.passes.quantize.awq import awq_quantize
+
+        self._calibration(program, "awq")
+        if not program.params_are_concrete:
+            return rtn
+        targets = self._single_axis_targets(rtn, uses_by_param, report, "AWQ", ndim=2)
+        stats: dict = {}
+        max_rows = 512
+
+        def observe(site, invals, it):
+            (lc, rc), _ = site.eqn.params["dimension_numbers"]
+            for op, xc in enumerate((rc, lc)):
+                prov = site.in_provs[op]
+                if prov is None or prov.param not in targets or len(xc) != 1:
+                    continue
+                x = jnp.moveaxis(jnp.asarray(invals[1 - op], jnp.float32), xc[0], -1)
+                x = x.reshape(-1, x.shape[-1])
+                abs_sum, n, rows = stats.get(prov.param, (0.0, 0, []))
+                if sum(r.shape[0] for r in rows) < max_rows:
+                    rows = rows + [x[: max_rows]]
+                stats[prov.param] = (abs_sum + jnp.sum(jnp.abs(x), 0), n + x.shape[0], rows)
+
+        n = collect(program, program.calibration_data, observe, progress="AWQ: calibration")
+        out, alphas = dict(rtn), []
+        for path, k_axis in track(list(targets.items()), description="AWQ: scale search", transient=True):
+            if path not in stats:
+                report.notes.append(f"{path}: no activations reached it; kept round-to-nearest")
+                continue
+            abs_sum, cnt, rows = stats[path]
+            out[path], alpha = awq_quantize(program.param(path), jnp.concatenate(rows)[:max_rows],
+                                            abs_sum / cnt, k_axis, fmt=self.weights,
+                                            group_size=self.group_size, symmetric=self.symmetric,
+                                            source=path)
+            alphas.append(alpha)
+        report.notes.append(f"AWQ: {n} calibration samples; alpha per weight: mean "
+                            f"{np.mean(alphas):.2f}, range [{min(alphas):.2f}, {max(alphas):.2f}]"
+                            if alphas else "AWQ: no weight calibrated")
+        return out
 
     def _gptq(self, program, rtn: dict, uses_by_param, report) -> dict:
         from jaxpass.core.calibration import collect
         from jaxpass.passes.quantize.gptq import gptq_quantize
 
-        if not program.calibration_data:
-            raise PassError("Quantize(method='gptq') needs calibration data: "
-                            "transform(..., calibration_data=[(x1,), (x2,), ...])")
+        self._calibration(program, "gptq")
         if not program.params_are_concrete:
             return rtn  # abstract transform (e.g. jaxpass.load): shapes only
-        targets = {}
-        for path, q in rtn.items():
-            axes = {a for u in uses_by_param[path] for a in u.contracting_axes}
-            if len(axes) == 1:
-                targets[path] = axes.pop()
-            else:
-                report.notes.append(f"{path}: GPTQ needs one contracting axis; kept round-to-nearest")
+        targets = self._single_axis_targets(rtn, uses_by_param, report, "GPTQ")
         stats: dict = {}
 
         def observe(site, invals, it):
