@@ -37,6 +37,9 @@ RECIPES = {
     "NF4 g64": [passes.Quantize(weights="nf4", group_size=64, exclude=EMBED)],
     "W4 per-channel GPTQ": [passes.Quantize(weights="int4", method="gptq", exclude=EMBED)],
     "W4 g64 GPTQ": [passes.Quantize(weights="int4", group_size=64, method="gptq", exclude=EMBED)],
+    "W4 g64 AWQ": [passes.Quantize(weights="int4", group_size=64, method="awq", exclude=EMBED)],
+    "W4 g64 asym GPTQ": [passes.Quantize(weights="int4", group_size=64, symmetric=False, method="gptq",
+                                         exclude=EMBED)],
     "W4 g32 asym RTN (aligned to the file's Q4_1 blocks)": [
         passes.Quantize(weights="int4", group_size=32, symmetric=False, exclude=EMBED)],
 }

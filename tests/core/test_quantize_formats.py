@@ -80,3 +80,15 @@ def test_group_and_int4_through_transposed_hf_style_weights():
     deq = zm.replace_leaves({p: leaves[p].materialize() for p in zm.weight_paths})
     np.testing.assert_allclose(jax.jit(t.apply)(t.params, *zm.example_args), deq.run_jit(),
                                rtol=1e-3, atol=1e-3)
+
+
+def test_asymmetric_min_max_reproduces_q4_1_style_blocks_exactly():
+    # llama.cpp Q4_1: per block of 32 inputs, w = d * q + m with q in [0, 15] (each block uses
+    # its full code range). Asymmetric int4 with group 32 along that axis must give it back.
+    rng = np.random.default_rng(0)
+    k, n = 128, 16
+    q = rng.integers(0, 16, (k, n)); q[0::32] = 0; q[1::32] = 15
+    d = rng.uniform(0.01, 0.1, (k // 32, n)); m = rng.uniform(-0.5, 0.2, (k // 32, n))
+    w = jnp.asarray(np.repeat(d, 32, 0) * q + np.repeat(m, 32, 0), jnp.float32)
+    out = quantize(w, (0,), fmt="int4", group_size=32, symmetric=False)
+    np.testing.assert_allclose(out.materialize(), w, rtol=0, atol=1e-6)

@@ -17,6 +17,8 @@ Layout
   along the contracting axis). A stacked ``[L, K, N]`` weight gets ``[L, 1, N]`` (per channel) or
   ``[L, K/g, N]`` (per group) scales: one set per layer.
 - ``zero`` (asymmetric only) has the scale's shape: the dense value is ``(code - zero) * scale``.
+  It is a float (``-min / scale``), not an integer: min-max quantization on the grid
+  ``min + k * scale``, like llama.cpp's Q4_1, reproduces 4-bit data with that structure exactly.
 
 Because scale and zero keep every axis, layout-only equations (transpose, reshape, slicing,
 scan slicing) apply to them as to the codes, so a quantized weight stays quantized through the
@@ -332,12 +334,14 @@ def quantize(w, reduce_axes: Sequence[int], *, fmt: str = "int8", group_size: in
         codes = jnp.clip(jnp.round(w32 / scale), -qmax, qmax).astype(jnp.int8)
         zero = None
     else:
+        # Min-max with a float zero point (as llama.cpp's Q4_1 "scale + min"): the grid is
+        # lo + k * scale exactly, so data already on such a grid is reproduced exactly.
         qmax = 2 ** bits - 1
-        lo = jnp.minimum(jnp.min(w32, axis=reduce_axes, keepdims=True), 0.0)
-        hi = jnp.maximum(jnp.max(w32, axis=reduce_axes, keepdims=True), 0.0)
+        lo = jnp.min(w32, axis=reduce_axes, keepdims=True)
+        hi = jnp.max(w32, axis=reduce_axes, keepdims=True)
         scale = jnp.where(hi > lo, (hi - lo) / qmax, 1.0)
-        zero = jnp.round(-lo / scale)
-        codes = jnp.clip(jnp.round(w32 / scale) + zero, 0, qmax)
+        zero = -lo / scale
+        codes = jnp.clip(jnp.round((w32 - lo) / scale), 0, qmax)
         codes = codes.astype(jnp.uint8 if bits == 8 else jnp.int8)
     out = QArray(codes, scale.astype(jnp.float32), zero, jnp.dtype(w.dtype), fmt, None, source)
     return _pack(out, reduce_axes[0]) if fmt == "int4" else out
