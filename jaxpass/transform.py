@@ -35,7 +35,7 @@ def _evaluator(closed):
     compiled = jax.jit(run)
 
     def evaluate(*flat):
-        if any(isinstance(x, jax.core.Tracer) for x in flat):
+        if any(compat.is_tracer(x) for x in flat):
             return run(*flat)
         return compiled(*flat)
     return evaluate
@@ -143,7 +143,7 @@ class Transformed:
 
     def __call__(self, *args, **kwargs):
         out, new_state = self.apply_with_state(self.params, self.state, *args, **kwargs)
-        if not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(new_state)):
+        if not any(compat.is_tracer(x) for x in jax.tree_util.tree_leaves(new_state)):
             self.state = new_state
         return out
 

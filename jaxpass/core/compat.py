@@ -8,12 +8,11 @@ JAX's internals is absorbed in this file. Known differences it handles: jax 0.11
 Both versions name the jit primitive ``jit`` (``pjit`` before 0.7) and remat ``remat2``.
 
 What it provides:
-- tracing: :func:`trace` (a function of flat arrays -> closed jaxpr),
 - reading: :func:`jaxpr_of` / :func:`consts_of`, :func:`eqn_regions` (the sub-jaxprs of a
   higher-order equation with how its operands map onto each region's inputs),
 - evaluating: :func:`eval_jaxpr`, :func:`bind_eqn` (re-binds an equation as it was traced),
 - primitives: :func:`make_primitive` for jaxpass's named ops,
-- checking: :func:`check_jaxpr`, and pretty-printing helpers.
+- checking: :func:`check_jaxpr`.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax import core as _jcore  # noqa: F401  (public shim module; kept for eval_jaxpr on old jax)
 from jax.extend import core as jex_core
 from jax.interpreters import ad, batching, mlir
 
@@ -58,6 +56,11 @@ def consts_of(j) -> list:
     """Values of the jaxpr's constvars (0.10: ``ClosedJaxpr.consts``; 0.11: every ``Jaxpr`` has
     ``.consts``, possibly empty; an open 0.10 ``Jaxpr`` has none)."""
     return list(getattr(j, "consts", ()) or ())
+
+
+def is_tracer(x) -> bool:
+    """Whether ``x`` is an abstract value under a trace (jit, grad, vmap, make_jaxpr)."""
+    return isinstance(x, jax.core.Tracer)
 
 
 def is_literal(x) -> bool:
@@ -234,10 +237,6 @@ def remat_info(eqn) -> dict:
 # Tracing and evaluation
 # --------------------------------------------------------------------------------------------
 
-def trace(fn: Callable, *example_args) -> ClosedJaxpr:
-    """``jax.make_jaxpr`` of ``fn`` at the example arguments (arrays or ShapeDtypeStructs)."""
-    return jax.make_jaxpr(fn)(*example_args)
-
 
 def eval_jaxpr(jaxpr, consts, *args):
     """Evaluates an open jaxpr with its consts (binds every equation as traced)."""
@@ -285,10 +284,6 @@ def check_jaxpr(closed) -> None:
     """Type-checks a jaxpr (raises ``JaxprTypeError`` on an ill-typed program)."""
     jex_core.check_jaxpr(jaxpr_of(closed))
 
-
-def pretty_eqn(eqn) -> str:
-    """Jax's own rendering of one equation."""
-    return str(eqn)
 
 
 # --------------------------------------------------------------------------------------------

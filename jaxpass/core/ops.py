@@ -78,11 +78,3 @@ def lookup(name: str) -> NamedOp | None:
     """The named op called ``name`` (with or without the ``jaxpass.`` prefix), if defined."""
     full = name if name.startswith(OP_PREFIX) else OP_PREFIX + name
     return _REGISTRY.get(full)
-
-
-def is_named_op(primitive_name: str, name: str | None = None) -> bool:
-    """Whether a primitive name is a jaxpass named op (optionally: this one)."""
-    if name is None:
-        return primitive_name in _REGISTRY
-    full = name if name.startswith(OP_PREFIX) else OP_PREFIX + name
-    return primitive_name == full

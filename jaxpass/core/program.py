@@ -35,7 +35,7 @@ def abstract(tree):
             return x
         aval = compat.aval_of(x)
         sharding = None
-        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        if isinstance(x, jax.Array) and not compat.is_tracer(x):
             sharding = x.sharding
         return jax.ShapeDtypeStruct(aval.shape, aval.dtype, sharding=sharding,
                                     weak_type=bool(getattr(aval, "weak_type", False)))
