@@ -81,7 +81,7 @@ def main():
         print(f"{name:<50} ppl {ppl:8.4f}  dPPL {rows[-1]['dppl_pct']:+7.3f}%  "
               f"params {rows[-1]['param_bytes'] / 2**20:7.1f} MiB", flush=True)
     meta = dict(command="python scripts/eval_quantization.py " + " ".join(
-        f"--{k} {v}" for k, v in vars(args).items() if v is not None and k != "recipes"),
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "recipes"),
         device=f"CPU ({platform.machine()}), jax {jax.__version__}", date=str(datetime.date.today()),
         tokens=args.context * args.windows, context=args.context)
     print(f"\n{meta}\n| recipe | perplexity | dPPL | params |\n|---|---|---|---|")
