@@ -7,9 +7,10 @@
 
 from jaxpass.evaluate.corpus import english_text
 from jaxpass.evaluate.memory import (kv_bytes_per_token, model_kv_bytes_per_token, param_bytes,
-                                     tree_bytes)
+                                     peak_bytes, tree_bytes)
 from jaxpass.evaluate.perplexity import perplexity
 from jaxpass.evaluate.retrieval import needle, needle_results, passkey, passkey_results
 
 __all__ = ["perplexity", "passkey", "passkey_results", "needle", "needle_results", "english_text",
-           "tree_bytes", "kv_bytes_per_token", "model_kv_bytes_per_token", "param_bytes"]
+           "tree_bytes", "kv_bytes_per_token", "model_kv_bytes_per_token", "param_bytes",
+           "peak_bytes"]

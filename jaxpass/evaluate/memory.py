@@ -48,3 +48,20 @@ def model_kv_bytes_per_token(model: Any, max_len: int = 1024, dtype=None) -> flo
     init = _find_init_cache(model)
     cache = jax.eval_shape(lambda: init(1, max_len, dtype=dtype))
     return kv_bytes_per_token(cache, max_len)
+
+
+def peak_bytes(fn, *args) -> dict:
+    """Peak device memory of one call of ``jax.jit(fn)(*args)``, from XLA's buffer assignment.
+
+    Returns ``{"arguments", "outputs", "temporaries", "aliased", "peak"}`` in bytes, where peak is
+    arguments + outputs + temporaries - aliased (donated buffers counted once). This is what the
+    compiled program needs at its high-water mark, on any backend, without running it; on a GPU,
+    ``jax.devices()[0].memory_stats()["peak_bytes_in_use"]`` measures the same at run time.
+    """
+    stats = jax.jit(fn).lower(*args).compile().memory_analysis()
+    if stats is None:  # pragma: no cover - backends without buffer assignment stats
+        raise NotImplementedError("this backend reports no memory analysis")
+    out = {"arguments": int(stats.argument_size_in_bytes), "outputs": int(stats.output_size_in_bytes),
+           "temporaries": int(stats.temp_size_in_bytes), "aliased": int(stats.alias_size_in_bytes)}
+    out["peak"] = out["arguments"] + out["outputs"] + out["temporaries"] - out["aliased"]
+    return out

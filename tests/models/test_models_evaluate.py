@@ -69,3 +69,13 @@ def test_corpus_is_prose():
     text = evaluate.english_text(5000)
     assert len(text) == 5000 and text.startswith("In the beginning God created")
     assert text.count(" the ") > 20
+
+
+def test_peak_bytes_counts_arguments_outputs_and_temporaries():
+    import jax.numpy as jnp
+
+    a, b = jnp.ones((64, 128)), jnp.ones((128, 256))
+    r = evaluate.peak_bytes(lambda a, b: jnp.sort(a @ b, axis=0)[:1], a, b)
+    assert r["arguments"] == a.nbytes + b.nbytes and r["outputs"] == 256 * 4
+    assert r["peak"] == r["arguments"] + r["outputs"] + r["temporaries"] - r["aliased"]
+    assert r["temporaries"] >= 64 * 256 * 4  # the sorted product is materialized
