@@ -31,6 +31,11 @@ RECIPES = {
     "W8 per-channel, embed fp32": [passes.Quantize(weights="int8", exclude=EMBED)],
     "W8 asym per-channel": [passes.Quantize(weights="int8", symmetric=False)],
     "fp8 e4m3 per-channel": [passes.Quantize(weights="fp8")],
+    "W8A8 dynamic per-token": [passes.Quantize(weights="int8", activations="int8")],
+    "W8A8 SmoothQuant (alpha 0.5)": [passes.Quantize(weights="int8", activations="int8", method="smoothquant")],
+    "W8A8 SmoothQuant (alpha 0.5), embed fp32": [
+        passes.Quantize(weights="int8", activations="int8", method="smoothquant", exclude=EMBED)],
+    "FP8 weights + FP8 activations": [passes.Quantize(weights="fp8", activations="fp8")],
     "W4 per-channel RTN": [passes.Quantize(weights="int4", exclude=EMBED)],
     "W4 g64 RTN": [passes.Quantize(weights="int4", group_size=64, exclude=EMBED)],
     "W4 g64 asym RTN": [passes.Quantize(weights="int4", group_size=64, symmetric=False, exclude=EMBED)],

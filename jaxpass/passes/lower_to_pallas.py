@@ -133,6 +133,8 @@ def _pack(q: QArray, k_axis: int) -> PackedLinear:
 def _lowerable(site, q: QArray) -> str | None:
     """Why this quantized matmul cannot use the kernels, or None if it can."""
     p = site.eqn.params
+    if p.get("activations") is not None:
+        return f"{p['activations']} activation quantization (W8A8) is not lowered in this version"
     if q.fmt not in LOWERABLE_FORMATS:
         return f"format {q.fmt} has no kernel (kernels take {LOWERABLE_FORMATS})"
     if q.in_scale is not None:

@@ -52,8 +52,32 @@ def is_per_channel(w: QArray, contracting) -> bool:
             and all(w.scale.shape[d] == 1 for d in contracting))
 
 
+def _quantize_activation(x, x_contracting, activations):
+    """Dynamic per-token quantization: one scale per activation row (over the contracting axes)."""
+    xf = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(xf), axis=tuple(x_contracting), keepdims=True)
+    if activations == "int8":
+        xs = jnp.where(amax > 0, amax / 127.0, 1.0)
+        return jnp.clip(jnp.round(xf / xs), -127, 127).astype(jnp.int8), xs
+    xs = jnp.where(amax > 0, amax / 448.0, 1.0)
+    return (xf / xs).astype(jnp.float8_e4m3fn), xs
+
+
+def _act_scale_to_output(xs, dimension_numbers, weight_operand, w_ndim):
+    (lc, rc), (lb, rb) = dimension_numbers
+    xc, xb = (lc, lb) if weight_operand == 1 else (rc, rb)
+    wc, wb = (rc, rb) if weight_operand == 1 else (lc, lb)
+    xf = [d for d in range(xs.ndim) if d not in xc and d not in xb]
+    s = jnp.transpose(xs, tuple(xb) + tuple(xf) + tuple(xc))
+    n_w_free = w_ndim - len(wc) - len(wb)
+    batch, free = [xs.shape[d] for d in xb], [xs.shape[d] for d in xf]
+    shape = batch + (free + [1] * n_w_free if weight_operand == 1 else [1] * n_w_free + free)
+    return s.reshape(shape)
+
+
 def _quantized_dot_general(x, qvalue, scale, *rest, dimension_numbers, weight_operand, precision,
-                           out_dtype, dtype, fmt, packed_axis, has_zero=False, has_in_scale=False):
+                           out_dtype, dtype, fmt, packed_axis, has_zero=False, has_in_scale=False,
+                           activations=None):
     w = _weight(qvalue, scale, rest, dtype, fmt, packed_axis, has_zero, has_in_scale)
     compute = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
     (lc, rc), _ = dimension_numbers
@@ -65,6 +89,21 @@ def _quantized_dot_general(x, qvalue, scale, *rest, dimension_numbers, weight_op
         shape = [1] * x.ndim
         shape[x_contracting[0]] = v.shape[0]
         x = (x.astype(jnp.float32) * v.reshape(shape))
+    if activations is not None:
+        # W8A8 / FP8: both operands quantized, integer (or fp8) products, two scales after.
+        if not per_channel:
+            raise ValueError("activation quantization needs per-channel symmetric weights")
+        xq, xs = _quantize_activation(x, x_contracting, activations)
+        if activations == "int8":
+            wq, acc = w.codes().astype(jnp.int8), jnp.int32
+        else:
+            wq, acc = w.qvalue, jnp.float32
+            xq, wq = xq.astype(jnp.float32), wq.astype(jnp.float32)  # exact: e4m3 fits in f32
+        lhs, rhs = (xq, wq) if weight_operand == 1 else (wq, xq)
+        y = lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=acc).astype(jnp.float32)
+        y = y * _act_scale_to_output(xs, dimension_numbers, weight_operand, w.ndim)
+        y = y * _scale_to_output(w.scale.astype(jnp.float32), dimension_numbers, weight_operand, x.ndim)
+        return y.astype(out_dtype)
     wv = (w.code_values() if per_channel else w.materialize()).astype(compute)
     x = x.astype(compute)
     lhs, rhs = (x, wv) if weight_operand == 1 else (wv, x)
@@ -78,8 +117,9 @@ def _quantized_dot_general(x, qvalue, scale, *rest, dimension_numbers, weight_op
 quantized_dot_general = define_op("quantized_dot_general", _quantized_dot_general)
 
 
-def dot_general_rule(ctx, eqn, invals):
-    """Rewrites ``dot_general`` with a QArray operand into ``quantized_dot_general``."""
+def dot_general_rule(ctx, eqn, invals, activations=None):
+    """Rewrites ``dot_general`` with a QArray operand into ``quantized_dot_general``
+    (with dynamic activation quantization when ``activations`` is "int8" or "fp8")."""
     lhs, rhs = invals
     if not (isinstance(lhs, QArray) or isinstance(rhs, QArray)):
         return NotImplemented
@@ -90,10 +130,15 @@ def dot_general_rule(ctx, eqn, invals):
                    "both matmul operands are compressed: the activation side is made dense")
         x = x.materialize()
     dims = eqn.params["dimension_numbers"]
-    ctx.record("rewrite", eqn, w.source, f"dot_general -> quantized_dot_general ({w.fmt})")
+    if activations is not None and not is_per_channel(w, dims[0][1] if w_idx == 1 else dims[0][0]):
+        ctx.record("materialize", eqn, w.source, "activation quantization needs a per-channel "
+                   "weight scale along this matmul's contracting axes: weight made dense")
+        return NotImplemented
+    ctx.record("rewrite", eqn, w.source, f"dot_general -> quantized_dot_general ({w.fmt}"
+               + (f", {activations} activations)" if activations else ")"))
     operands = (x, w.qvalue, w.scale) + tuple(a for a in (w.zero, w.in_scale) if a is not None)
     return quantized_dot_general(
         *operands, dimension_numbers=dims, weight_operand=w_idx,
         precision=eqn.params.get("precision"), out_dtype=jnp.dtype(eqn.outvars[0].aval.dtype),
         dtype=jnp.dtype(w.dtype), fmt=w.fmt, packed_axis=w.packed_axis,
-        has_zero=w.zero is not None, has_in_scale=w.in_scale is not None)
+        has_zero=w.zero is not None, has_in_scale=w.in_scale is not None, activations=activations)

@@ -42,9 +42,11 @@ class Quantize:
       weights: "int8", "int4", "nf4" (QLoRA NormalFloat-4, absmax per group) or "fp8" (e4m3).
       group_size: None (per output channel) or the group length along the contracting axis.
       symmetric: symmetric (no zero point); ``False`` stores zero points (int8/int4 only).
-      activations: activation quantization (None: weight-only; others not implemented yet).
-      method: "rtn" (round to nearest), "gptq" (int8/int4) or "awq" (2-D weights); the last two
-        need ``calibration_data``.
+      activations: None (weight-only), "int8" or "fp8": dynamic per-token quantization of the
+        matmul input (W8A8 / FP8 products); needs per-channel symmetric int8 / fp8 weights.
+      method: "rtn" (round to nearest), "gptq" (int8/int4), "awq" (2-D weights) or
+        "smoothquant" (with ``activations``; strength ``alpha``); all but rtn need
+        ``calibration_data``.
       include / exclude: regular expressions on parameter paths (``jax.tree_util.keystr``).
       allow_unmatched: do not raise when an ``include`` pattern matches no weight.
     """
@@ -59,6 +61,7 @@ class Quantize:
     allow_unmatched: bool = False
     act_order: bool = True         # GPTQ: visit input rows by decreasing Hessian diagonal
     damp: float = 0.01             # GPTQ: damping, as a fraction of the mean Hessian diagonal
+    alpha: float = 0.5             # SmoothQuant: migration strength
 
     order: ClassVar[int] = ORDER_QUANTIZE
 
@@ -72,12 +75,23 @@ class Quantize:
         if not self.symmetric and self.weights not in ("int8", "int4"):
             raise PassError(f"Quantize(symmetric=False): zero points apply to int8/int4, not "
                             f"{self.weights!r}")
+        if self.activations not in (None, "int8", "fp8"):
+            raise PassError(f"Quantize(activations={self.activations!r}): use None (weight-only), "
+                            "'int8' or 'fp8' (dynamic, one scale per token)")
         if self.activations is not None:
-            raise PassError(f"Quantize(activations={self.activations!r}): activation "
-                            "quantization is not implemented yet (weight-only)")
-        if self.method not in ("rtn", "gptq", "awq"):
+            want = {"int8": "int8", "fp8": "fp8"}[self.activations]
+            if self.weights != want or self.group_size is not None or not self.symmetric:
+                raise PassError(f"Quantize(activations={self.activations!r}) pairs with "
+                                f"weights={want!r}, group_size=None, symmetric=True (integer or fp8 "
+                                f"products need one weight scale per output channel); got "
+                                f"weights={self.weights!r}, group_size={self.group_size}, "
+                                f"symmetric={self.symmetric}")
+        if self.method == "smoothquant" and self.activations is None:
+            raise PassError("Quantize(method='smoothquant') migrates activation outliers into the "
+                            "weights for W8A8: set activations='int8' (or 'fp8')")
+        if self.method not in ("rtn", "gptq", "awq", "smoothquant"):
             raise PassError(f"Quantize(method={self.method!r}): implemented methods are 'rtn', "
-                            "'gptq' and 'awq' (smoothquant is not implemented yet)")
+                            "'gptq', 'awq' and 'smoothquant'")
         if self.method == "gptq" and self.weights not in ("int8", "int4"):
             raise PassError(f"Quantize(method='gptq'): GPTQ applies to int8/int4, not {self.weights!r}")
 
@@ -150,7 +164,10 @@ class Quantize:
             replacements = self._gptq(program, replacements, uses_by_param, report)
         elif self.method == "awq":
             replacements = self._awq(program, replacements, uses_by_param, report)
-        rules = Rules({"dot_general": dot_general_rule}, structured_only=frozenset({"dot_general"}))
+        elif self.method == "smoothquant":
+            replacements = self._smoothquant(program, replacements, uses_by_param, report)
+        rule = functools.partial(dot_general_rule, activations=self.activations)
+        rules = Rules({"dot_general": rule}, structured_only=frozenset({"dot_general"}))
         return PassResult(replacements, rules, report, tolerance=5e-2)
 
     def _single_axis_targets(self, rtn, uses_by_param, report, method, ndim=None) -> dict:
@@ -211,6 +228,35 @@ class Quantize:
         report.notes.append(f"AWQ: {n} calibration samples; alpha per weight: mean "
                             f"{np.mean(alphas):.2f}, range [{min(alphas):.2f}, {max(alphas):.2f}]"
                             if alphas else "AWQ: no weight calibrated")
+        return out
+
+    def _smoothquant(self, program, rtn: dict, uses_by_param, report) -> dict:
+        from jaxpass.core.calibration import collect
+        from jaxpass.passes.quantize.smoothquant import smooth_quantize
+
+        self._calibration(program, "smoothquant")
+        if not program.params_are_concrete:
+            return rtn
+        targets = self._single_axis_targets(rtn, uses_by_param, report, "SmoothQuant", ndim=2)
+        amax: dict = {}
+
+        def observe(site, invals, it):
+            (lc, rc), _ = site.eqn.params["dimension_numbers"]
+            for op, xc in enumerate((rc, lc)):
+                prov = site.in_provs[op]
+                if prov is None or prov.param not in targets or len(xc) != 1:
+                    continue
+                x = jnp.moveaxis(jnp.abs(jnp.asarray(invals[1 - op], jnp.float32)), xc[0], -1)
+                m = jnp.max(x.reshape(-1, x.shape[-1]), 0)
+                amax[prov.param] = m if prov.param not in amax else jnp.maximum(amax[prov.param], m)
+
+        n = collect(program, program.calibration_data, observe, progress="SmoothQuant: calibration")
+        out = dict(rtn)
+        for path, k_axis in targets.items():
+            if path in amax:
+                out[path] = smooth_quantize(program.param(path), amax[path], k_axis, alpha=self.alpha,
+                                            fmt=self.weights, source=path)
+        report.notes.append(f"SmoothQuant: alpha={self.alpha}, activation maxima from {n} samples")
         return out
 
     def _gptq(self, program, rtn: dict, uses_by_param, report) -> dict:
