@@ -92,3 +92,18 @@ def test_asymmetric_min_max_reproduces_q4_1_style_blocks_exactly():
     w = jnp.asarray(np.repeat(d, 32, 0) * q + np.repeat(m, 32, 0), jnp.float32)
     out = quantize(w, (0,), fmt="int4", group_size=32, symmetric=False)
     np.testing.assert_allclose(out.materialize(), w, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["linen_scan_remat", "hf_gpt2"])
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_third_party_models_int8_and_int4(name, fmt):
+    zm = zoo.get(name).build()
+    q = passes.Quantize(weights=fmt, group_size=None if fmt == "int8" else 8)
+    t = jaxpass.transform(zm.model, [q], params=zm.params, example_args=zm.example_args)
+    leaves = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(
+        t.params, is_leaf=lambda x: isinstance(x, QArray))[0]}
+    assert {p for p, x in leaves.items() if isinstance(x, QArray)} == set(zm.weight_paths)
+    out = jax.jit(t.apply)(t.params, *zm.example_args)
+    assert zoo.relative_error(out, zm.run_jit()) <= (zm.int8_rtol if fmt == "int8" else 0.3)
+    deq = zm.replace_leaves({p: leaves[p].materialize() for p in zm.weight_paths})
+    np.testing.assert_allclose(out, deq.run_jit(), rtol=1e-3, atol=1e-3)
