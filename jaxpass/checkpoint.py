@@ -19,7 +19,6 @@ import json
 import os
 import pickle
 
-import numpy as np
 
 import jax
 import jax.numpy as jnp

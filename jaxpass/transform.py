@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import jax
 
 from jaxpass.core import compat
-from jaxpass.core.adapters import ModelError, adapt, check_param_leaves
+from jaxpass.core.adapters import ModelError, adapt
 from jaxpass.core.graph import Graph
 from jaxpass.core.manager import Stage, replay, run_passes, split_kwargs, trace_model
 from jaxpass.core.program import Inputs, Program, abstract, is_concrete

@@ -118,3 +118,22 @@ class _EagerRunner:
             return self.run(r.jaxpr, r.consts, invals[1:], path + (r.key,), it)
         (r,) = regions[:1]  # calls, remat, custom_jvp/vjp bodies: inline their primal program
         return self.run(r.jaxpr, r.consts, invals, path + (r.key,), it)
+
+
+def collect_matmul_inputs(program, params, on_rows, *, progress: str | None = None) -> int:
+    """:func:`collect` narrowed to what weight-calibration methods need: for every
+    ``dot_general`` with one contracting axis whose other operand derives from a parameter in
+    ``params``, calls ``on_rows(prov, x, iteration)`` with the activation as float32 rows
+    ``x [n, K]`` along the contracting axis."""
+    params = set(params)
+
+    def observe(site, invals, it):
+        (lc, rc), _ = site.eqn.params["dimension_numbers"]
+        for op, xc in enumerate((rc, lc)):  # the weight is operand op; x contracts xc
+            prov = site.in_provs[op]
+            if prov is None or prov.param not in params or len(xc) != 1:
+                continue
+            x = jnp.moveaxis(jnp.asarray(invals[1 - op], jnp.float32), xc[0], -1)
+            on_rows(prov, x.reshape(-1, x.shape[-1]), it)
+
+    return collect(program, program.calibration_data, observe, progress=progress)

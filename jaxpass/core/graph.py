@@ -7,7 +7,6 @@ import re
 
 import jax
 
-from jaxpass.core import compat
 from jaxpass.core.program import Program
 
 

@@ -20,14 +20,13 @@ Running the interpreter under ``jax.make_jaxpr`` yields the rewritten program.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Mapping
 
 import jax
 from jax import lax
 
 from jaxpass.core import compat
-from jaxpass.core.values import LAYOUT_PRIMITIVES, StructuredValue, is_structured, materialize
+from jaxpass.core.values import LAYOUT_PRIMITIVES, is_structured, materialize
 
 Handler = Callable[["RuleContext", Any, list], Any]
 

@@ -23,8 +23,8 @@ from jaxpass.core import compat
 from jaxpass.core.adapters import ModelSpec
 from jaxpass.core.interpreter import EventLog, Interpreter, Rules
 from jaxpass.core.pass_api import PassError, PassResult
-from jaxpass.core.program import Inputs, Program, abstract, keystr, leaves_with_paths
-from jaxpass.core.report import ParamChange, PassReport, Report
+from jaxpass.core.program import Inputs, Program, abstract, keystr
+from jaxpass.core.report import ParamChange, Report
 from jaxpass.core.values import ComponentView, is_structured, leaf_nbytes
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-import jax
 
 from jaxpass.core import compat
 

@@ -1,7 +1,6 @@
 """jaxpass.save / jaxpass.load: exact round trip of every format, recipe kept."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,5 @@
 """Every weight format: exact packing, error bounds per element and per output, stacked weights."""
 
-import itertools
 
 import jax
 import jax.numpy as jnp

@@ -6,10 +6,9 @@ saved are exactly what the format says, and the output error stays within the ca
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
 
 import jaxpass
 import program_grammar

@@ -14,7 +14,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxpass.passes.quantize.qarray import QArray, expand, from_codes
 

@@ -12,6 +12,9 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
+from rich.progress import track
+
+from jaxpass.core.calibration import collect_matmul_inputs
 from jaxpass.core.interpreter import Rules
 from jaxpass.core.pass_api import ORDER_QUANTIZE, PassError, PassResult
 from jaxpass.core.patterns import PathRule, opaque_uses, param_dots
@@ -182,38 +185,32 @@ class Quantize:
                 targets[path] = axes.pop()
         return targets
 
-    def _calibration(self, program, method):
+    def _calibrated_targets(self, program, rtn, uses_by_param, report, method, ndim=None):
+        """The weights a calibration method applies to, or None for an abstract transform
+        (e.g. ``jaxpass.load``: shapes only, the round-to-nearest structure is kept)."""
         if not program.calibration_data:
-            raise PassError(f"Quantize(method={method!r}) needs calibration data: "
+            raise PassError(f"Quantize(method={self.method!r}) needs calibration data: "
                             "transform(..., calibration_data=[(x1,), (x2,), ...])")
+        if not program.params_are_concrete:
+            return None
+        return self._single_axis_targets(rtn, uses_by_param, report, method, ndim=ndim)
 
     def _awq(self, program, rtn: dict, uses_by_param, report) -> dict:
-        from rich.progress import track
-
-        from jaxpass.core.calibration import collect
         from jaxpass.passes.quantize.awq import awq_quantize
 
-        self._calibration(program, "awq")
-        if not program.params_are_concrete:
+        targets = self._calibrated_targets(program, rtn, uses_by_param, report, "AWQ", ndim=2)
+        if targets is None:
             return rtn
-        targets = self._single_axis_targets(rtn, uses_by_param, report, "AWQ", ndim=2)
         stats: dict = {}
         max_rows = 512
 
-        def observe(site, invals, it):
-            (lc, rc), _ = site.eqn.params["dimension_numbers"]
-            for op, xc in enumerate((rc, lc)):
-                prov = site.in_provs[op]
-                if prov is None or prov.param not in targets or len(xc) != 1:
-                    continue
-                x = jnp.moveaxis(jnp.asarray(invals[1 - op], jnp.float32), xc[0], -1)
-                x = x.reshape(-1, x.shape[-1])
-                abs_sum, n, rows = stats.get(prov.param, (0.0, 0, []))
-                if sum(r.shape[0] for r in rows) < max_rows:
-                    rows = rows + [x[: max_rows]]
-                stats[prov.param] = (abs_sum + jnp.sum(jnp.abs(x), 0), n + x.shape[0], rows)
+        def on_rows(prov, x, it):
+            abs_sum, n, rows = stats.get(prov.param, (0.0, 0, []))
+            if sum(r.shape[0] for r in rows) < max_rows:
+                rows = rows + [x[: max_rows]]
+            stats[prov.param] = (abs_sum + jnp.sum(jnp.abs(x), 0), n + x.shape[0], rows)
 
-        n = collect(program, program.calibration_data, observe, progress="AWQ: calibration")
+        n = collect_matmul_inputs(program, targets, on_rows, progress="AWQ: calibration")
         out, alphas = dict(rtn), []
         for path, k_axis in track(list(targets.items()), description="AWQ: scale search", transient=True):
             if path not in stats:
@@ -231,26 +228,18 @@ class Quantize:
         return out
 
     def _smoothquant(self, program, rtn: dict, uses_by_param, report) -> dict:
-        from jaxpass.core.calibration import collect
         from jaxpass.passes.quantize.smoothquant import smooth_quantize
 
-        self._calibration(program, "smoothquant")
-        if not program.params_are_concrete:
+        targets = self._calibrated_targets(program, rtn, uses_by_param, report, "SmoothQuant", ndim=2)
+        if targets is None:
             return rtn
-        targets = self._single_axis_targets(rtn, uses_by_param, report, "SmoothQuant", ndim=2)
         amax: dict = {}
 
-        def observe(site, invals, it):
-            (lc, rc), _ = site.eqn.params["dimension_numbers"]
-            for op, xc in enumerate((rc, lc)):
-                prov = site.in_provs[op]
-                if prov is None or prov.param not in targets or len(xc) != 1:
-                    continue
-                x = jnp.moveaxis(jnp.abs(jnp.asarray(invals[1 - op], jnp.float32)), xc[0], -1)
-                m = jnp.max(x.reshape(-1, x.shape[-1]), 0)
-                amax[prov.param] = m if prov.param not in amax else jnp.maximum(amax[prov.param], m)
+        def on_rows(prov, x, it):
+            m = jnp.max(jnp.abs(x), 0)
+            amax[prov.param] = m if prov.param not in amax else jnp.maximum(amax[prov.param], m)
 
-        n = collect(program, program.calibration_data, observe, progress="SmoothQuant: calibration")
+        n = collect_matmul_inputs(program, targets, on_rows, progress="SmoothQuant: calibration")
         out = dict(rtn)
         for path, k_axis in targets.items():
             if path in amax:
@@ -260,34 +249,23 @@ class Quantize:
         return out
 
     def _gptq(self, program, rtn: dict, uses_by_param, report) -> dict:
-        from jaxpass.core.calibration import collect
         from jaxpass.passes.quantize.gptq import gptq_quantize
 
-        self._calibration(program, "gptq")
-        if not program.params_are_concrete:
-            return rtn  # abstract transform (e.g. jaxpass.load): shapes only
-        targets = self._single_axis_targets(rtn, uses_by_param, report, "GPTQ")
+        targets = self._calibrated_targets(program, rtn, uses_by_param, report, "GPTQ")
+        if targets is None:
+            return rtn
         stats: dict = {}
 
-        def observe(site, invals, it):
-            (lc, rc), _ = site.eqn.params["dimension_numbers"]
-            for op, (wc, xc) in enumerate(((lc, rc), (rc, lc))):
-                prov = site.in_provs[op]
-                if prov is None or prov.param not in targets or len(xc) != 1:
-                    continue
-                x = jnp.moveaxis(jnp.asarray(invals[1 - op], jnp.float32), xc[0], -1)
-                x = x.reshape(-1, x.shape[-1])
-                key = (prov.param, tuple(it[-1:]) if prov.sliced else ())
-                h, n = stats.get(key, (0.0, 0))
-                stats[key] = (h + x.T @ x, n + x.shape[0])
+        def on_rows(prov, x, it):
+            key = (prov.param, tuple(it[-1:]) if prov.sliced else ())  # per layer when stacked
+            h, n = stats.get(key, (0.0, 0))
+            stats[key] = (h + x.T @ x, n + x.shape[0])
 
-        n = collect(program, program.calibration_data, observe, progress="GPTQ: calibration")
+        n = collect_matmul_inputs(program, targets, on_rows, progress="GPTQ: calibration")
         report.notes.append(f"GPTQ: Hessians from {n} calibration samples "
                             f"(act_order={self.act_order}, damp={self.damp})")
         out = dict(rtn)
-        items = [(p, k) for p, k in targets.items()]
-        from rich.progress import track
-        for path, k_axis in track(items, description="GPTQ: quantizing", transient=True):
+        for path, k_axis in track(list(targets.items()), description="GPTQ: quantizing", transient=True):
             hess = {key[1]: h / max(cnt, 1) for key, (h, cnt) in stats.items() if key[0] == path}
             if not hess:
                 report.notes.append(f"{path}: no activations reached it; kept round-to-nearest")
