@@ -40,6 +40,11 @@ def _decode(x, dtype):
     return jax.lax.bitcast_convert_type(x, dtype) if dtype in _BITCAST else x
 
 
+def _named_sharding(x):
+    s = getattr(x, "sharding", None)
+    return s if isinstance(s, jax.sharding.NamedSharding) else None
+
+
 def save(t, path: str) -> None:
     """Saves a transformed model's params, state and recipe to the directory ``path``."""
     import orbax.checkpoint as ocp
@@ -83,7 +88,10 @@ def load(path: str, model, *, params=None):
     t = transform_abstract(model, saved["passes"], params=params, example_args=args,
                            example_kwargs={**kwargs, **dict(static_kw)})
     want = {"params": _flat(t.params), "state": _flat(t.state)}
-    target = {g: {k: jax.ShapeDtypeStruct(v.shape, _BITCAST.get(jnp.dtype(v.dtype), v.dtype))
+    # Leaves the recipe shards (passes.Shard on abstract params attaches NamedShardings) are
+    # restored straight into those shardings, on this process's mesh.
+    target = {g: {k: jax.ShapeDtypeStruct(v.shape, _BITCAST.get(jnp.dtype(v.dtype), v.dtype),
+                                          sharding=_named_sharding(v))
                   for k, v in leaves.items()} for g, leaves in want.items()}
     restored = ocp.StandardCheckpointer().restore(os.path.join(path, "arrays"), target)
     out = {}

@@ -11,10 +11,11 @@ import jax
 from jaxpass.core import compat
 from jaxpass.core.adapters import ModelError, adapt
 from jaxpass.core.graph import Graph
-from jaxpass.core.manager import Stage, replay, run_passes, split_kwargs, trace_model
+from jaxpass.core.manager import (Stage, dense_standins, has_structured, replay, run_passes,
+                                  split_kwargs, trace_model)
 from jaxpass.core.program import Inputs, Program, abstract, is_concrete
 from jaxpass.core.report import Report
-from jaxpass.core.values import tree_nbytes
+from jaxpass.core.values import masters, tree_nbytes
 
 _NUMERICS_CHECK_MAX_BYTES = 2 << 30
 
@@ -107,6 +108,50 @@ class Transformed:
         t._lock = threading.Lock()
         return t
 
+    def finalize(self, params=None, *, passes: Sequence | None = None,
+                 calibration_data: Iterable | None = None) -> "Transformed":
+        """The inference model after quantization-/sparsity-aware training.
+
+        Takes trained params of a ``mode="train"`` transform (``t.params`` after optax updates;
+        default: ``self.params``), turns every trainable value back into its float master weight
+        (masked where a sparsity mask applies) and runs ``passes`` (default: the same passes) in
+        inference mode on the model with those weights: fake quantization becomes real packed
+        codes and scales, masks become sparse storage. ``self`` is left unchanged.
+        """
+        if self._final.mode != "train":
+            raise ValueError("finalize() is for transforms made with mode='train'; this one is "
+                             f"mode={self._final.mode!r}")
+        params = self.params if params is None else params
+        if jax.tree_util.tree_structure(params) != self._params_treedef:
+            raise ModelError("finalize(params=...) must have the structure of t.params")
+        spec = dataclasses.replace(self._spec, params=masters(params), state=self.state)
+        inputs = self._final.inputs
+        return _build(spec, list(self.passes if passes is None else passes), tuple(inputs.args),
+                      {**dict(inputs.kwargs), **dict(self._static_kw)}, calibration_data,
+                      "inference", None)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None):
+        """The KV cache the transformed ``forward_cached`` takes: the model's own
+        ``init_cache(batch, max_len, dtype)`` as rebuilt by the passes that change it
+        (``passes.CompressKV`` makes it a smaller pytree of compressed values), else the model's."""
+        model = self._spec.model
+        if model is None or not hasattr(model, "init_cache"):
+            raise ModelError(f"{self._spec.description} has no init_cache(batch, max_len, dtype=None): "
+                             "KV-cached generation needs a model with an explicit cache "
+                             "(see docs/models.md, 'The KV-cache contract')")
+        builders = [st.inputs for st in self._stages if st.inputs is not None]
+        if not builders:
+            return model.init_cache(batch, max_len, dtype=dtype)
+        cache = jax.eval_shape(lambda: model.init_cache(batch, max_len, dtype=dtype))
+
+        def trace(method, *args):
+            return trace_model(self._spec, method, self._params0, abstract(self.state),
+                               abstract(tuple(args)), {})
+
+        for builder in builders:
+            cache = builder.init_cache(trace, cache)
+        return cache
+
     # -- running -----------------------------------------------------------------------------------
     def _key(self, state, args, kwargs, static_kw):
         return (self._method, _signature((state, tuple(args), kwargs)), static_kw)
@@ -117,9 +162,15 @@ class Transformed:
             hit = self._cache.get(key)
         if hit is not None:
             return hit
+        feed = None
+        if has_structured((state, tuple(args), kwargs)):
+            # A compressed input (a KV cache from t.init_cache): trace the original model at the
+            # dense values it stands for; the pass that made it takes it during the replay.
+            feed = Inputs(abstract(state), abstract(tuple(args)), abstract(kwargs))
+            state, args, kwargs = dense_standins((state, tuple(args), kwargs))
         prog = trace_model(self._spec, self._method, self._params0, abstract(state),
                            abstract(tuple(args)), {**abstract(kwargs), **dict(static_kw)})
-        prog = replay(prog, self._stages)
+        prog = replay(prog, self._stages, feed)
         entry = (_evaluator(prog.closed), prog.out_tree)
         with self._lock:
             self._cache[key] = entry

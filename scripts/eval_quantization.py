@@ -47,7 +47,24 @@ RECIPES = {
                                          exclude=EMBED)],
     "W4 g32 asym RTN (aligned to the file's Q4_1 blocks)": [
         passes.Quantize(weights="int4", group_size=32, symmetric=False, exclude=EMBED)],
+    # bf16 weights and compute (the model loaded in bfloat16; no pass)
+    "bf16": [],
+    "W8 per-channel GPTQ": [passes.Quantize(weights="int8", method="gptq")],
+    "W8 per-channel + 0.5% outliers": [passes.Quantize(weights="int8", outliers=0.005)],
+    "W8 per-channel GPTQ + 0.5% outliers": [passes.Quantize(weights="int8", method="gptq", outliers=0.005)],
+    "W4 g64 RTN + 0.5% outliers": [passes.Quantize(weights="int4", group_size=64, outliers=0.005, exclude=EMBED)],
+    "W4 g64 asym GPTQ + 0.5% outliers": [passes.Quantize(weights="int4", group_size=64, symmetric=False,
+                                                         method="gptq", outliers=0.005, exclude=EMBED)],
+    "W3 g64 asym RTN": [passes.Quantize(weights="int3", group_size=64, symmetric=False, exclude=EMBED)],
+    "W3 g64 asym GPTQ": [passes.Quantize(weights="int3", group_size=64, symmetric=False, method="gptq",
+                                         exclude=EMBED)],
+    "W2 g64 asym GPTQ": [passes.Quantize(weights="int2", group_size=64, symmetric=False, method="gptq",
+                                         exclude=EMBED)],
+    "W2 g64 asym GPTQ + 1% outliers": [passes.Quantize(weights="int2", group_size=64, symmetric=False,
+                                                       method="gptq", outliers=0.01, exclude=EMBED)],
 }
+#: recipes evaluated on the model loaded in another dtype (weights and compute)
+MODEL_DTYPE = {"bf16": "bfloat16"}
 
 
 def main():
@@ -76,7 +93,10 @@ def main():
     for name in args.recipes.split("|"):
         t0 = time.time()
         needs = any(getattr(p, "method", "rtn") != "rtn" for p in RECIPES[name])
-        t = jaxpass.transform(model, RECIPES[name], example_args=(example,), check_numerics=False,
+        m = model
+        if name in MODEL_DTYPE:
+            m, _ = models.smollm2(dtype=MODEL_DTYPE[name], param_dtype=MODEL_DTYPE[name])
+        t = jaxpass.transform(m, RECIPES[name], example_args=(example,), check_numerics=False,
                               calibration_data=calib if needs else None)
         ppl = evaluate.perplexity(t, ids, context_length=args.context, max_windows=args.windows)
         base = ppl if base is None else base

@@ -40,6 +40,7 @@ class Stage:
     rules: Rules
     params_after: Any       # abstract params pytree after the pass
     replaced_nodes: frozenset = frozenset()  # structured nodes the pass replaced whole
+    inputs: Any = None      # PassResult.inputs: how the pass changes the program's inputs
 
 
 def split_kwargs(kwargs: dict) -> tuple[dict, tuple]:
@@ -67,20 +68,40 @@ def trace_model(spec: ModelSpec, method, params, state, args, kwargs, **program_
     return Program(closed, params, Inputs(state, tuple(args), traced_kw), out_tree, **program_kw)
 
 
+def _leave_program(value):
+    """A program output as the rewritten program returns it: arrays as they are; a structured
+    value that may be an output (a compressed KV cache, ``at_program_output``) in its own form;
+    any other structured value dense, so the output structure is unchanged."""
+    if not is_structured(value):
+        return value
+    exit_hook = getattr(value, "at_program_output", None)
+    return exit_hook() if exit_hook is not None else value.materialize()
+
+
 def retrace(program: Program, rules: Rules, new_params, log: EventLog,
-            replaced_nodes: frozenset = frozenset()) -> Program:
-    """The program rewritten by ``rules``, taking ``new_params``."""
+            replaced_nodes: frozenset = frozenset(), inputs: Inputs | None = None) -> Program:
+    """The program rewritten by ``rules``, taking ``new_params``.
+
+    ``inputs`` (default: the program's own) may hold structured values where the program has
+    dense inputs (a compressed KV cache where the model takes a dense one): each is fed to the
+    interpreter whole, in place of the dense input it stands for, and the rewritten program
+    takes its leaves; outputs may then be structured too (``at_program_output``), and the
+    program's output structure follows.
+    """
     to_inputs = _stage_inputs(program.params, replaced_nodes)
     jaxpr, consts = program.jaxpr, program.consts
 
     def fn(new_params, state, args, kwargs):
         pvals = to_inputs(new_params)
-        flat = list(pvals) + jax.tree_util.tree_leaves((state, args, kwargs))
-        return Interpreter(rules, log).run(jaxpr, consts, flat)
+        flat = list(pvals) + jax.tree_util.tree_leaves((state, args, kwargs), is_leaf=is_structured)
+        outs = Interpreter(rules, log).run(jaxpr, consts, flat)
+        return [_leave_program(o) for o in outs]
 
-    inp = program.inputs
-    closed = jax.make_jaxpr(fn)(new_params, inp.state, inp.args, inp.kwargs)
-    return dataclasses.replace(program, closed=closed, params=new_params)
+    inp = program.inputs if inputs is None else inputs
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(new_params, inp.state, inp.args, inp.kwargs)
+    out_tree = jax.tree_util.tree_structure(jax.tree_util.tree_unflatten(program.out_tree, out_shape))
+    return dataclasses.replace(program, closed=closed, params=new_params, inputs=inp,
+                               out_tree=out_tree)
 
 
 def evaluate(program: Program, params=None, inputs: Inputs | None = None):
@@ -205,7 +226,8 @@ def run_passes(program: Program, passes: Sequence, *, check_numerics: bool) -> t
                 rep.notes.append(f"output error {rep.output_error:.3e} exceeds the pass's expected "
                                  f"bound {result.tolerance:.1e} on the example inputs")
         report.passes.append(rep)
-        stages.append(Stage(name, result.rules, abstract(new_params), nodes))
+        stages.append(Stage(name, result.rules, abstract(new_params), nodes,
+                            getattr(result, "inputs", None)))
         program = new_program
     report.params_bytes_after = sum(leaf_nbytes(x) for _, x in program.param_leaves)
     return program, stages, report
@@ -222,8 +244,32 @@ def _verify(before: Program, after: Program, name: str) -> None:
             f"after {name}: outputs changed from {[str(x) for x in b]} to {[str(x) for x in a]}")
 
 
-def replay(program: Program, stages: Sequence[Stage]) -> Program:
-    """Re-applies recorded stages to a freshly traced program (other shapes, other method)."""
+def replay(program: Program, stages: Sequence[Stage], inputs: Inputs | None = None) -> Program:
+    """Re-applies recorded stages to a freshly traced program (other shapes, other method).
+
+    ``inputs``: the call's real inputs when they hold structured values (a compressed cache); the
+    program was traced at the dense values they stand for, and the first stage whose pass makes
+    inputs (``Stage.inputs``) takes them.
+    """
+    pending = inputs
     for st in stages:
-        program = retrace(program, st.rules, st.params_after, EventLog(), st.replaced_nodes)
+        feed = None
+        if pending is not None and st.inputs is not None:
+            feed, pending = pending, None
+        program = retrace(program, st.rules, st.params_after, EventLog(), st.replaced_nodes, feed)
+    if pending is not None:
+        raise PassError("the inputs hold compressed values (e.g. a compressed KV cache from "
+                        "t.init_cache) but no pass of this transform takes such inputs")
     return program
+
+
+def has_structured(tree) -> bool:
+    return any(is_structured(x) for x in jax.tree_util.tree_leaves(tree, is_leaf=is_structured))
+
+
+def dense_standins(tree):
+    """``tree`` with each structured value replaced by the ShapeDtypeStruct of the dense array it
+    stands for (what the original model is traced at)."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if is_structured(x) else x,
+        tree, is_leaf=is_structured)

@@ -8,7 +8,9 @@ method, ``run(program) -> PassResult``:
 - ``rules``: how the program's equations change, as handlers keyed by primitive name
   (:class:`~jaxpass.core.interpreter.Rules`). Rules must not depend on the example shapes: the
   same rules re-specialize the program when it is later called at other shapes;
-- ``report``: what it matched, changed, skipped and why.
+- ``report``: what it matched, changed, skipped and why;
+- ``inputs`` (optional): how the program's *inputs* change (a KV-compression pass makes the cache
+  that ``forward_cached`` takes a different, smaller pytree; ``Transformed.init_cache`` builds it).
 
 ``order`` places a pass in the pipeline (weights are sparsified before they are quantized,
 quantized before they are sharded, and lowered to kernels last); the pass manager refuses a list
@@ -42,6 +44,12 @@ class PassResult:
     report: PassReport
     #: Expected bound on the relative output error the pass introduces (for the numerics check).
     tolerance: float | None = None
+    #: For passes that change a model's *inputs* (a compressed KV cache): an object with
+    #: ``init_cache(trace, dense_cache) -> cache`` that builds the input the rewritten program
+    #: takes from the model's own (abstract) one. ``trace(method, *args)`` traces the original
+    #: model. The structured values it puts in the cache are fed to this pass's rules when the
+    #: program is re-specialized (see :func:`jaxpass.core.manager.replay`).
+    inputs: Any = None
 
 
 @runtime_checkable

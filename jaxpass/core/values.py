@@ -67,6 +67,33 @@ class StructuredValue:
                        for l in jax.tree_util.tree_leaves(self)))
 
 
+class TrainableValue(StructuredValue):
+    """A parameter under quantization-/sparsity-aware training (``transform(..., mode="train")``).
+
+    Its array leaves are float master weights (differentiable: ``jax.grad`` of ``t.apply`` with
+    respect to ``t.params`` reaches them, so optax updates them like any parameter) plus, where a
+    method needs it, non-trainable state such as a sparsity mask (stored as float 0/1 so the
+    params pytree stays differentiable; its gradient is always zero). :meth:`materialize` applies
+    the method's forward transform with a straight-through gradient (fake quantization, masking).
+
+    :meth:`master` is the float weight an inference transform starts from once training is over
+    (``Transformed.finalize``): the master weight itself, or the weight with its mask applied.
+    """
+
+    def master(self) -> jax.Array:
+        raise NotImplementedError
+
+
+def masters(tree: Any) -> Any:
+    """``tree`` with every :class:`TrainableValue` replaced by its :meth:`~TrainableValue.master`
+    (nested ones included: a fake-quantized masked weight becomes the masked float weight)."""
+    def unwrap(x):
+        while isinstance(x, TrainableValue):
+            x = x.master()
+        return x
+    return jax.tree_util.tree_map(unwrap, tree, is_leaf=is_structured)
+
+
 def is_structured(x: Any) -> bool:
     return isinstance(x, StructuredValue)
 

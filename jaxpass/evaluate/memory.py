@@ -50,15 +50,17 @@ def model_kv_bytes_per_token(model: Any, max_len: int = 1024, dtype=None) -> flo
     return kv_bytes_per_token(cache, max_len)
 
 
-def peak_bytes(fn, *args) -> dict:
+def peak_bytes(fn, *args, donate_argnums=()) -> dict:
     """Peak device memory of one call of ``jax.jit(fn)(*args)``, from XLA's buffer assignment.
 
     Returns ``{"arguments", "outputs", "temporaries", "aliased", "peak"}`` in bytes, where peak is
     arguments + outputs + temporaries - aliased (donated buffers counted once). This is what the
     compiled program needs at its high-water mark, on any backend, without running it; on a GPU,
     ``jax.devices()[0].memory_stats()["peak_bytes_in_use"]`` measures the same at run time.
+    ``donate_argnums``: arguments updated in place (a KV cache carried from step to step, as in
+    the ``while_loop`` of ``generate``), so their outputs alias them instead of adding to the peak.
     """
-    stats = jax.jit(fn).lower(*args).compile().memory_analysis()
+    stats = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile().memory_analysis()
     if stats is None:  # pragma: no cover - backends without buffer assignment stats
         raise NotImplementedError("this backend reports no memory analysis")
     out = {"arguments": int(stats.argument_size_in_bytes), "outputs": int(stats.output_size_in_bytes),

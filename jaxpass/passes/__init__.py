@@ -4,7 +4,10 @@ Each pass has ``run(program) -> PassResult`` and an ``order`` in the pipeline (s
 :mod:`jaxpass.core.pass_api`).
 """
 
+from jaxpass.passes.compress_kv import CompressKV
 from jaxpass.passes.lower_to_pallas import LowerToPallas
 from jaxpass.passes.quantize import Quantize
+from jaxpass.passes.shard import Shard
+from jaxpass.passes.sparsify import Sparsify
 
-__all__ = ["Quantize", "LowerToPallas"]
+__all__ = ["Quantize", "LowerToPallas", "Sparsify", "Shard", "CompressKV"]

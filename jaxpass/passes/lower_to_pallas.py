@@ -139,6 +139,8 @@ def _lowerable(site, q: QArray) -> str | None:
         return f"format {q.fmt} has no kernel (kernels take {LOWERABLE_FORMATS})"
     if q.in_scale is not None:
         return "AWQ input scales are not lowered in this version"
+    if q.outlier_idx is not None:
+        return "dense-and-sparse outliers are not lowered in this version"
     if p["weight_operand"] != 1:
         return "the weight is the left operand"
     (lc, rc), (lb, rb) = p["dimension_numbers"]
@@ -175,9 +177,13 @@ class LowerToPallas:
         rule = PathRule(self.include, self.exclude)
         report = PassReport("LowerToPallas", f"backend={self.backend!r}" + (", interpret" if self.interpret else ""))
         nodes = {p: q for p, q in program.structured_params() if isinstance(q, QArray)}
-        if not nodes:
+        from jaxpass.passes.sparsify.lowering import lower_sparse  # 2:4 weights (Sparsify)
+        sparse_repl, sparse_rules = lower_sparse(program, rule, report, self.backend, self.interpret)
+        if not nodes and not sparse_repl:
             raise PassError("LowerToPallas: the program has no quantized weights; put a "
-                            "Quantize pass before it (passes=[Quantize(...), LowerToPallas()])")
+                            "Quantize pass before it (passes=[Quantize(...), LowerToPallas()]), or "
+                            "Sparsify(pattern='2:4') for the sparse kernel" +
+                            "".join(f"; {w}: {y}" for w, y in report.skipped[:4]))
         leaf_owner = {}
         for node, q in nodes.items():
             for sub in (".qvalue", ".scale", ".zero", ".in_scale"):
@@ -216,6 +222,7 @@ class LowerToPallas:
                 continue
             replacements[node] = _make(q, k_axes.pop())
             report.matched_ops.extend(f"{s.location()} [{node}]" for s in sites_by_node[node])
+        replacements.update(sparse_repl)
         if not replacements:
             raise PassError("LowerToPallas: no quantized matmul can use a kernel: " +
                             "; ".join(f"{w}: {y}" for w, y in report.skipped[:6]))
@@ -244,7 +251,7 @@ class LowerToPallas:
             y = quantized_matmul(x.astype(compute), owner.packed, backend=backend, interpret=interpret)
             return y.astype(out_dtype)
 
-        rules = Rules({OP: lower}, structured_only=frozenset({OP}))
+        rules = Rules({OP: lower, **sparse_rules}, structured_only=frozenset({OP, *sparse_rules}))
         return PassResult(replacements, rules, report, tolerance=1e-2)
 
 

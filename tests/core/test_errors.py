@@ -71,8 +71,8 @@ def test_quantizing_twice_is_reported_not_silently_accepted():
 
 
 def test_unsupported_configurations_say_what_is_supported():
-    with pytest.raises(jaxpass.PassError, match=r"weights='int2'.*supported formats are \('int8', 'int4'"):
-        passes.Quantize(weights="int2")
+    with pytest.raises(jaxpass.PassError, match=r"weights='int5'.*supported formats are \('int8', 'int4'"):
+        passes.Quantize(weights="int5")
     with pytest.raises(jaxpass.PassError, match="group_size=0"):
         passes.Quantize(group_size=0)
     with pytest.raises(jaxpass.PassError, match="zero points apply to int8/int4"):

@@ -10,23 +10,30 @@ membership stays by original index, so the stored layout is the same as round-to
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
-from jaxpass.passes.quantize.qarray import QArray, expand, from_codes
+from jaxpass.passes.quantize.qarray import QArray, expand, from_codes, put_along_axis
 
 
 def code_range(q: QArray) -> tuple[int, int]:
-    if q.fmt == "int8":
-        return (-127, 127) if q.zero is None else (0, 255)
-    return (-7, 7) if q.zero is None else (0, 15)
+    bits = q.bits
+    return (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if q.zero is None else (0, 2 ** bits - 1)
 
 
 @functools.partial(jax.jit, static_argnames=("qmin", "qmax", "act_order"))
-def gptq_codes(w, h, scale, zero, *, qmin: int, qmax: int, act_order: bool = True, damp: float = 0.01):
-    """Codes for ``w [K, N]`` given ``h [K, K]`` and full-size ``scale``/``zero`` ``[K, N]``."""
+def gptq_codes(w, h, scale, zero, exact=None, *, qmin: int, qmax: int, act_order: bool = True,
+               damp: float = 0.01):
+    """Codes for ``w [K, N]`` given ``h [K, K]`` and full-size ``scale``/``zero`` ``[K, N]``.
+
+    ``exact`` (bool ``[K, N]``, optional): entries kept in full precision (dense-and-sparse
+    outliers, as in SpQR): they take no rounding error, and their values as updated by the
+    error of earlier rows are returned as the second result."""
+    if exact is None:
+        exact = jnp.zeros(w.shape, bool)
     k = w.shape[0]
     w = w.astype(jnp.float32)
     h = h.astype(jnp.float32)
@@ -35,21 +42,22 @@ def gptq_codes(w, h, scale, zero, *, qmin: int, qmax: int, act_order: bool = Tru
     w = jnp.where(dead[:, None], 0.0, w)
     h = h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(k, dtype=jnp.float32)
     perm = jnp.argsort(-jnp.diag(h)) if act_order else jnp.arange(k)
-    w, h, scale, zero = w[perm], h[perm][:, perm], scale[perm], zero[perm]
+    w, h, scale, zero, exact = w[perm], h[perm][:, perm], scale[perm], zero[perm], exact[perm]
     # Upper Cholesky factor of H^-1: row i holds the error-propagation weights for rows > i.
     u = jnp.linalg.cholesky(jnp.linalg.inv(h)).T
     idx = jnp.arange(k)
 
     def row(i, carry):
-        w, codes = carry
+        w, codes, kept = carry
         s, z, x = scale[i], zero[i], w[i]
         q = jnp.clip(jnp.round(x / s + z), qmin, qmax)
-        err = (x - (q - z) * s) / u[i, i]
+        err = jnp.where(exact[i], 0.0, (x - (q - z) * s) / u[i, i])
         w = w - jnp.where(idx > i, u[i], 0.0)[:, None] * err[None, :]
-        return w, codes.at[i].set(q)
+        return w, codes.at[i].set(q), kept.at[i].set(x)
 
-    _, codes = jax.lax.fori_loop(0, k, row, (w, jnp.zeros_like(w)))
-    return codes[jnp.argsort(perm)]
+    _, codes, kept = jax.lax.fori_loop(0, k, row, (w, jnp.zeros_like(w), jnp.zeros_like(w)))
+    inv = jnp.argsort(perm)
+    return codes[inv], kept[inv]
 
 
 def gptq_quantize(w, hessians: dict, rtn: QArray, k_axis: int, *, act_order: bool = True,
@@ -64,23 +72,30 @@ def gptq_quantize(w, hessians: dict, rtn: QArray, k_axis: int, *, act_order: boo
     full_scale = jnp.broadcast_to(expand(rtn.scale, w.shape), w.shape)
     full_zero = (jnp.zeros_like(full_scale) if rtn.zero is None
                  else jnp.broadcast_to(expand(rtn.zero, w.shape), w.shape))
+    exact = jnp.zeros(w.shape, bool)
+    if rtn.outlier_idx is not None:
+        exact = put_along_axis(exact, rtn.outlier_idx, True, rtn.outlier_axis())
 
-    def one(wl, sl, zl, h, ka):
-        wk = jnp.moveaxis(wl, ka, 0)
-        shape = wk.shape
-        c = gptq_codes(wk.reshape(shape[0], -1), h, jnp.moveaxis(sl, ka, 0).reshape(shape[0], -1),
-                       jnp.moveaxis(zl, ka, 0).reshape(shape[0], -1), qmin=qmin, qmax=qmax,
-                       act_order=act_order, damp=damp)
-        return jnp.moveaxis(c.reshape(shape), 0, ka)
+    def one(wl, sl, zl, el, h, ka):
+        def flat(a):
+            return jnp.moveaxis(a, ka, 0).reshape(a.shape[ka], -1)
+        shape = jnp.moveaxis(wl, ka, 0).shape
+        c, kept = gptq_codes(flat(wl), h, flat(sl), flat(zl), flat(el), qmin=qmin, qmax=qmax,
+                             act_order=act_order, damp=damp)
+        return (jnp.moveaxis(c.reshape(shape), 0, ka), jnp.moveaxis(kept.reshape(shape), 0, ka))
 
     if () in hessians:
-        codes = one(w, full_scale, full_zero, hessians[()], k_axis)
+        codes, kept = one(w, full_scale, full_zero, exact, hessians[()], k_axis)
     else:
         layers = []
         for l in range(w.shape[0]):
             h = hessians.get((l,))
             if h is None:
                 raise ValueError(f"{rtn.source}: no calibration statistics for layer {l}")
-            layers.append(one(w[l], full_scale[l], full_zero[l], h, k_axis - 1))
-        codes = jnp.stack(layers)
-    return from_codes(codes, rtn, k_axis)
+            layers.append(one(w[l], full_scale[l], full_zero[l], exact[l], h, k_axis - 1))
+        codes, kept = jnp.stack([c for c, _ in layers]), jnp.stack([k for _, k in layers])
+    out = from_codes(codes, rtn, k_axis)
+    if rtn.outlier_idx is not None:  # the outliers' values after the earlier rows' updates
+        vals = jnp.take_along_axis(kept, rtn.outlier_idx.astype(jnp.int32), axis=rtn.outlier_axis())
+        out = dataclasses.replace(out, outlier_val=vals.astype(rtn.outlier_val.dtype))
+    return out

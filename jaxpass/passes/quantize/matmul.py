@@ -6,7 +6,8 @@ Its meaning (the ``impl`` below, also the XLA fallback) is the matmul of the deq
 
 - per-channel symmetric int8 / int4 / fp8 (scale constant along the contracting axes): multiply
   by the codes, exact in bf16/f32, accumulate in float32 and scale the output;
-- otherwise (groups, zero points, nf4): dequantize the weight, then multiply.
+- otherwise (groups, zero points, nf4, dense-and-sparse outliers): dequantize the weight, then
+  multiply.
 
 ``LowerToPallas`` replaces this op by a kernel where the backend and shapes allow; what it
 computes stays this function.
@@ -39,22 +40,31 @@ def _scale_to_output(scale, dimension_numbers, weight_operand, x_ndim):
     return s.reshape(shape)
 
 
-def _weight(qvalue, scale, rest, dtype, fmt, packed_axis, has_zero, has_in_scale) -> QArray:
+def _weight(qvalue, scale, rest, dtype, fmt, packed_axis, has_zero, has_in_scale,
+            has_outliers=False, has_act_scale=False) -> QArray:
     rest = list(rest)
     zero = rest.pop(0) if has_zero else None
     in_scale = rest.pop(0) if has_in_scale else None
-    return QArray(qvalue, scale, zero, dtype, fmt, packed_axis, "", in_scale)
+    idx, val = (rest.pop(0), rest.pop(0)) if has_outliers else (None, None)
+    act_scale = rest.pop(0) if has_act_scale else None
+    return QArray(qvalue, scale, zero, dtype, fmt, packed_axis, "", in_scale, idx, val, act_scale)
 
 
 def is_per_channel(w: QArray, contracting) -> bool:
     """Scale constant along every contracting axis and no zero point: the output can be scaled."""
-    return (w.zero is None and w.fmt in ("int8", "int4", "fp8")
+    return (w.zero is None and w.outlier_idx is None and w.fmt in ("int8", "int4", "fp8")
             and all(w.scale.shape[d] == 1 for d in contracting))
 
 
-def _quantize_activation(x, x_contracting, activations):
-    """Dynamic per-token quantization: one scale per activation row (over the contracting axes)."""
+def _quantize_activation(x, x_contracting, activations, static_scale=None):
+    """Dynamic per-token quantization (one scale per activation row, over the contracting axes),
+    or static: one calibrated step for the whole input (values beyond the calibrated range clip)."""
     xf = x.astype(jnp.float32)
+    if static_scale is not None:
+        xs = jnp.reshape(static_scale.astype(jnp.float32), ())
+        if activations == "int8":
+            return jnp.clip(jnp.round(xf / xs), -127, 127).astype(jnp.int8), xs * jnp.ones((1,) * x.ndim)
+        return (jnp.clip(xf / xs, -448.0, 448.0)).astype(jnp.float8_e4m3fn), xs * jnp.ones((1,) * x.ndim)
     amax = jnp.max(jnp.abs(xf), axis=tuple(x_contracting), keepdims=True)
     if activations == "int8":
         xs = jnp.where(amax > 0, amax / 127.0, 1.0)
@@ -77,8 +87,9 @@ def _act_scale_to_output(xs, dimension_numbers, weight_operand, w_ndim):
 
 def _quantized_dot_general(x, qvalue, scale, *rest, dimension_numbers, weight_operand, precision,
                            out_dtype, dtype, fmt, packed_axis, has_zero=False, has_in_scale=False,
-                           activations=None):
-    w = _weight(qvalue, scale, rest, dtype, fmt, packed_axis, has_zero, has_in_scale)
+                           activations=None, has_outliers=False, has_act_scale=False):
+    w = _weight(qvalue, scale, rest, dtype, fmt, packed_axis, has_zero, has_in_scale, has_outliers,
+                has_act_scale)
     compute = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
     (lc, rc), _ = dimension_numbers
     contracting, x_contracting = (rc, lc) if weight_operand == 1 else (lc, rc)
@@ -93,7 +104,7 @@ def _quantized_dot_general(x, qvalue, scale, *rest, dimension_numbers, weight_op
         # W8A8 / FP8: both operands quantized, integer (or fp8) products, two scales after.
         if not per_channel:
             raise ValueError("activation quantization needs per-channel symmetric weights")
-        xq, xs = _quantize_activation(x, x_contracting, activations)
+        xq, xs = _quantize_activation(x, x_contracting, activations, w.act_scale)
         if activations == "int8":
             wq, acc = w.codes().astype(jnp.int8), jnp.int32
         else:
@@ -136,9 +147,11 @@ def dot_general_rule(ctx, eqn, invals, activations=None):
         return NotImplemented
     ctx.record("rewrite", eqn, w.source, f"dot_general -> quantized_dot_general ({w.fmt}"
                + (f", {activations} activations)" if activations else ")"))
-    operands = (x, w.qvalue, w.scale) + tuple(a for a in (w.zero, w.in_scale) if a is not None)
+    operands = (x, w.qvalue, w.scale) + tuple(
+        a for a in (w.zero, w.in_scale, w.outlier_idx, w.outlier_val, w.act_scale) if a is not None)
     return quantized_dot_general(
         *operands, dimension_numbers=dims, weight_operand=w_idx,
         precision=eqn.params.get("precision"), out_dtype=jnp.dtype(eqn.outvars[0].aval.dtype),
         dtype=jnp.dtype(w.dtype), fmt=w.fmt, packed_axis=w.packed_axis,
-        has_zero=w.zero is not None, has_in_scale=w.in_scale is not None, activations=activations)
+        has_zero=w.zero is not None, has_in_scale=w.in_scale is not None, activations=activations,
+        has_outliers=w.outlier_idx is not None, has_act_scale=w.act_scale is not None)

@@ -20,7 +20,8 @@ from jaxpass.core.pass_api import ORDER_QUANTIZE, PassError, PassResult
 from jaxpass.core.patterns import PathRule, opaque_uses, param_dots
 from jaxpass.core.report import PassReport
 from jaxpass.passes.quantize.matmul import dot_general_rule
-from jaxpass.passes.quantize.qarray import FORMATS, quantize
+from jaxpass.passes.quantize.qarray import FORMATS, STORAGE_BITS, quantize
+from jaxpass.passes.quantize.qat import fake_dot_general_rule, make_fake_quantized
 
 SUPPORTED_WEIGHTS = FORMATS
 
@@ -42,16 +43,25 @@ class Quantize:
     refused (never silently changed); so is int4/nf4 packing of an odd contracting axis.
 
     Args:
-      weights: "int8", "int4", "nf4" (QLoRA NormalFloat-4, absmax per group) or "fp8" (e4m3).
+      weights: "int8", "int4", "nf4" (QLoRA NormalFloat-4, absmax per group), "fp8" (e4m3),
+        "int3" (in a 4-bit container) or "int2" (four per byte); asymmetric is the usual choice
+        below 4 bits (symmetric int2 is ternary).
       group_size: None (per output channel) or the group length along the contracting axis.
       symmetric: symmetric (no zero point); ``False`` stores zero points (int8/int4 only).
       activations: None (weight-only), "int8" or "fp8": dynamic per-token quantization of the
         matmul input (W8A8 / FP8 products); needs per-channel symmetric int8 / fp8 weights.
+      activation_scales: with ``activations``: "dynamic" (one scale per token, computed at run
+        time) or "static" (one step per matmul input, ``max |x| / 127`` (or ``/ 448``) over
+        ``calibration_data``, per layer for stacked weights; no run-time reduction).
       method: "rtn" (round to nearest), "gptq" (int8/int4), "awq" (2-D weights) or
         "smoothquant" (with ``activations``; strength ``alpha``); all but rtn need
         ``calibration_data``.
       include / exclude: regular expressions on parameter paths (``jax.tree_util.keystr``).
       allow_unmatched: do not raise when an ``include`` pattern matches no weight.
+      outliers: dense-and-sparse quantization (SpQR / SqueezeLLM style): this fraction of each
+        output channel's weights, the largest in magnitude, is kept exactly (float16, with int16
+        indices) beside the quantized rest, whose scales no longer stretch to cover them.
+        ``rtn`` and ``gptq`` (which leaves outliers out of its error propagation) support it.
     """
 
     weights: str = "int8"
@@ -65,6 +75,8 @@ class Quantize:
     act_order: bool = True         # GPTQ: visit input rows by decreasing Hessian diagonal
     damp: float = 0.01             # GPTQ: damping, as a fraction of the mean Hessian diagonal
     alpha: float = 0.5             # SmoothQuant: migration strength
+    outliers: float = 0.0          # fraction of each output channel kept exact (dense-and-sparse)
+    activation_scales: str = "dynamic"   # with activations: "dynamic" (per token) or "static"
 
     order: ClassVar[int] = ORDER_QUANTIZE
 
@@ -75,8 +87,8 @@ class Quantize:
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
             raise PassError(f"Quantize(group_size={self.group_size!r}): use None (per channel) or "
                             "a positive int such as 32, 64 or 128")
-        if not self.symmetric and self.weights not in ("int8", "int4"):
-            raise PassError(f"Quantize(symmetric=False): zero points apply to int8/int4, not "
+        if not self.symmetric and self.weights not in ("int8", "int4", "int3", "int2"):
+            raise PassError(f"Quantize(symmetric=False): zero points apply to int8/int4/int3/int2, not "
                             f"{self.weights!r}")
         if self.activations not in (None, "int8", "fp8"):
             raise PassError(f"Quantize(activations={self.activations!r}): use None (weight-only), "
@@ -89,14 +101,27 @@ class Quantize:
                                 f"products need one weight scale per output channel); got "
                                 f"weights={self.weights!r}, group_size={self.group_size}, "
                                 f"symmetric={self.symmetric}")
+        if self.activation_scales not in ("dynamic", "static"):
+            raise PassError(f"Quantize(activation_scales={self.activation_scales!r}): use 'dynamic' "
+                            "(per token at run time) or 'static' (calibrated once)")
+        if self.activation_scales == "static" and self.activations is None:
+            raise PassError("Quantize(activation_scales='static') calibrates activation quantization: "
+                            "set activations='int8' (or 'fp8')")
         if self.method == "smoothquant" and self.activations is None:
             raise PassError("Quantize(method='smoothquant') migrates activation outliers into the "
                             "weights for W8A8: set activations='int8' (or 'fp8')")
         if self.method not in ("rtn", "gptq", "awq", "smoothquant"):
             raise PassError(f"Quantize(method={self.method!r}): implemented methods are 'rtn', "
                             "'gptq', 'awq' and 'smoothquant'")
-        if self.method == "gptq" and self.weights not in ("int8", "int4"):
-            raise PassError(f"Quantize(method='gptq'): GPTQ applies to int8/int4, not {self.weights!r}")
+        if not (isinstance(self.outliers, (int, float)) and 0.0 <= self.outliers < 0.5):
+            raise PassError(f"Quantize(outliers={self.outliers!r}): a fraction in [0, 0.5), e.g. "
+                            "0.005 keeps 0.5% of each output channel's weights exact")
+        if self.outliers and (self.activations is not None or self.method not in ("rtn", "gptq")):
+            raise PassError(f"Quantize(outliers={self.outliers}): dense-and-sparse outliers work with "
+                            "weight-only quantization and method 'rtn' or 'gptq'; got "
+                            f"activations={self.activations!r}, method={self.method!r}")
+        if self.method == "gptq" and self.weights not in ("int8", "int4", "int3", "int2"):
+            raise PassError(f"Quantize(method='gptq'): GPTQ applies to integer formats, not {self.weights!r}")
 
     def _config(self) -> str:
         gran = "per-channel" if self.group_size is None else f"group_size={self.group_size}"
@@ -122,6 +147,13 @@ class Quantize:
                             f"Parameter paths look like {list(leaves)[:4]}. Pass "
                             "allow_unmatched=True to accept this.")
 
+        training = program.mode == "train"
+        if training and self.method != "rtn":
+            raise PassError(f"Quantize(method={self.method!r}) with mode='train': quantization-aware "
+                            "training fake-quantizes with round-to-nearest grids recomputed every "
+                            "step; train with method='rtn', then t.finalize(params, passes=[Quantize("
+                            f"..., method={self.method!r})], calibration_data=...) to calibrate the "
+                            "trained weights")
         replacements = {}
         for path, leaf in leaves.items():
             if not rule.matches(path):
@@ -158,17 +190,30 @@ class Quantize:
                     report.notes.append(f"{path}: used inside a custom derivative region; it is "
                                         "dequantized at the region boundary")
             self._check_shape(path, leaf, tuple(sorted(reduce_axes)))
+            if training:
+                replacements[path] = make_fake_quantized(leaf, tuple(sorted(reduce_axes)), path,
+                                                         self.weights, self.group_size, self.symmetric)
+                continue
             replacements[path] = _make(leaf, tuple(sorted(reduce_axes)), path, self.weights,
-                                       self.group_size, self.symmetric)
+                                       self.group_size, self.symmetric,
+                                       self._outlier_count(path, leaf, reduce_axes))
 
         if not replacements:
             raise PassError(self._nothing_matched(program, rule, uses_by_param))
+        if training:
+            rule = functools.partial(fake_dot_general_rule, activations=self.activations)
+            rules = Rules({"dot_general": rule}, structured_only=frozenset({"dot_general"}))
+            report.notes.append("mode='train': weights are float masters seen through the quantizer "
+                                "with straight-through gradients; t.finalize(params) quantizes them")
+            return PassResult(replacements, rules, report, tolerance=5e-2)
         if self.method == "gptq":
             replacements = self._gptq(program, replacements, uses_by_param, report)
         elif self.method == "awq":
             replacements = self._awq(program, replacements, uses_by_param, report)
         elif self.method == "smoothquant":
             replacements = self._smoothquant(program, replacements, uses_by_param, report)
+        if self.activation_scales == "static":
+            replacements = self._static_activation_scales(program, replacements, uses_by_param, report)
         rule = functools.partial(dot_general_rule, activations=self.activations)
         rules = Rules({"dot_general": rule}, structured_only=frozenset({"dot_general"}))
         return PassResult(replacements, rules, report, tolerance=5e-2)
@@ -188,11 +233,11 @@ class Quantize:
     def _calibrated_targets(self, program, rtn, uses_by_param, report, method, ndim=None):
         """The weights a calibration method applies to, or None for an abstract transform
         (e.g. ``jaxpass.load``: shapes only, the round-to-nearest structure is kept)."""
+        if not program.params_are_concrete:
+            return None
         if not program.calibration_data:
             raise PassError(f"Quantize(method={self.method!r}) needs calibration data: "
                             "transform(..., calibration_data=[(x1,), (x2,), ...])")
-        if not program.params_are_concrete:
-            return None
         return self._single_axis_targets(rtn, uses_by_param, report, method, ndim=ndim)
 
     def _awq(self, program, rtn: dict, uses_by_param, report) -> dict:
@@ -248,6 +293,44 @@ class Quantize:
         report.notes.append(f"SmoothQuant: alpha={self.alpha}, activation maxima from {n} samples")
         return out
 
+    def _static_activation_scales(self, program, qs: dict, uses_by_param, report) -> dict:
+        """One calibrated activation step per quantized weight (per layer when stacked)."""
+        if not program.params_are_concrete:   # abstract transform (jaxpass.load): shapes only
+            return {p: dataclasses.replace(q, act_scale=jnp.ones(
+                (q.shape[0],) + (1,) * (q.ndim - 1) if any(u.prov.sliced for u in uses_by_param[p])
+                else (1,) * q.ndim,
+                jnp.float32)) for p, q in qs.items()}
+        if not program.calibration_data:
+            raise PassError("Quantize(activation_scales='static') needs calibration data: "
+                            "transform(..., calibration_data=[(x1,), (x2,), ...])")
+        targets = self._single_axis_targets(qs, uses_by_param, report, "static activation scales")
+        amax: dict = {}
+
+        def on_rows(prov, x, it):
+            key = (prov.param, tuple(it[-1:]) if prov.sliced else ())
+            q = qs[prov.param]
+            if q.in_scale is not None:   # SmoothQuant / AWQ: the matmul sees x * in_scale
+                x = x * q.in_scale.reshape(-1)[None, :]
+            m = jnp.max(jnp.abs(x))
+            amax[key] = m if key not in amax else jnp.maximum(amax[key], m)
+
+        n = collect_matmul_inputs(program, targets, on_rows, progress="static activation scales")
+        qmax = 127.0 if self.activations == "int8" else 448.0
+        out = dict(qs)
+        for path, q in qs.items():
+            keys = sorted(k[1] for k in amax if k[0] == path)
+            if path not in targets or not keys:
+                raise PassError(f"Quantize(activation_scales='static'): no calibration activation "
+                                f"reached {path}; use activation_scales='dynamic' or exclude it")
+            steps = jnp.stack([jnp.maximum(amax[path, k], 1e-12) / qmax for k in keys])
+            if keys == [()]:
+                steps = steps.reshape((1,) * q.ndim)
+            else:
+                steps = steps.reshape((len(keys),) + (1,) * (q.ndim - 1))
+            out[path] = dataclasses.replace(q, act_scale=steps.astype(jnp.float32))
+        report.notes.append(f"static activation scales from {n} calibration samples")
+        return out
+
     def _gptq(self, program, rtn: dict, uses_by_param, report) -> dict:
         from jaxpass.passes.quantize.gptq import gptq_quantize
 
@@ -286,11 +369,21 @@ class Quantize:
                 raise PassError(f"Quantize(group_size={self.group_size}): {path} has contracting "
                                 f"dimension {n} (axis {reduce_axes[0]} of {tuple(leaf.shape)}), not "
                                 f"divisible by {self.group_size}; group sizes that divide it: {ok}")
-        if self.weights in ("int4", "nf4") and leaf.shape[reduce_axes[0]] % 2:
-            raise PassError(f"Quantize(weights={self.weights!r}): {path} has an odd contracting "
+        per = 8 // STORAGE_BITS.get(self.weights, 8)
+        if per > 1 and leaf.shape[reduce_axes[0]] % per:
+            what = "an odd" if per == 2 else f"a non-multiple-of-{per}"
+            raise PassError(f"Quantize(weights={self.weights!r}): {path} has {what} contracting "
                             f"dimension {leaf.shape[reduce_axes[0]]} (axis {reduce_axes[0]} of "
-                            f"{tuple(leaf.shape)}); 4-bit codes are packed two per byte along it. "
-                            "Pad the weight or exclude it.")
+                            f"{tuple(leaf.shape)}); {self.weights} codes are packed {per} per byte "
+                            "along it. Pad the weight or exclude it.")
+
+    def _outlier_count(self, path, leaf, reduce_axes) -> int:
+        if not self.outliers:
+            return 0
+        if len(reduce_axes) != 1:
+            raise PassError(f"Quantize(outliers=...): {path} is contracted over axes "
+                            f"{sorted(reduce_axes)}; outliers are counted along one contracting axis")
+        return max(1, int(round(self.outliers * leaf.shape[min(reduce_axes)])))
 
     def _nothing_matched(self, program, rule, uses_by_param) -> str:
         done = sorted(p for p in program.history if rule.matches(p))
@@ -321,19 +414,22 @@ def _check_finite(path, leaf) -> None:
 
 
 # One compilation per (shape, format): the parameter path is attached outside the jit.
-_quantize_jit = jax.jit(quantize, static_argnums=(1,), static_argnames=("fmt", "group_size", "symmetric"))
+_quantize_jit = jax.jit(quantize, static_argnums=(1,),
+                        static_argnames=("fmt", "group_size", "symmetric", "outliers"))
 
 
 @functools.lru_cache(maxsize=4096)
-def _abstract(shape, dtype, reduce_axes, fmt, group_size, symmetric, source):
+def _abstract(shape, dtype, reduce_axes, fmt, group_size, symmetric, source, outliers):
     return jax.eval_shape(functools.partial(quantize, reduce_axes=reduce_axes, fmt=fmt,
-                                            group_size=group_size, symmetric=symmetric, source=source),
+                                            group_size=group_size, symmetric=symmetric, source=source,
+                                            outliers=outliers),
                           jax.ShapeDtypeStruct(shape, dtype))
 
 
-def _make(leaf, reduce_axes, path, fmt, group_size, symmetric):
+def _make(leaf, reduce_axes, path, fmt, group_size, symmetric, outliers=0):
     if isinstance(leaf, jax.ShapeDtypeStruct):
         return _abstract(tuple(leaf.shape), jnp.dtype(leaf.dtype), reduce_axes, fmt, group_size,
-                         symmetric, path)
-    q = _quantize_jit(leaf, reduce_axes, fmt=fmt, group_size=group_size, symmetric=symmetric)
+                         symmetric, path, outliers)
+    q = _quantize_jit(leaf, reduce_axes, fmt=fmt, group_size=group_size, symmetric=symmetric,
+                      outliers=outliers)
     return dataclasses.replace(q, source=path)

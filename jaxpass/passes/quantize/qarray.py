@@ -10,7 +10,11 @@ Layout
   4-bit two's complement in [-7, 7]; asymmetric ones unsigned in [0, 15]; nf4 codes index the
   QLoRA NormalFloat-4 codebook. The packed axis is the weight's contracting axis, so it must be
   even (a clear error otherwise);
-  ``fp8``: float8_e4m3fn values.
+  ``fp8``: float8_e4m3fn values;
+  ``int3``: 3-bit codes ([-3, 3] symmetric, [0, 7] asymmetric) stored like int4, two per byte
+  (a 4-bit container: the accuracy of 3 bits, the memory of 4);
+  ``int2``: 2-bit codes ([-1, 1] symmetric, i.e. ternary; [0, 3] asymmetric), **four per byte**
+  along ``packed_axis`` (element ``4i + j`` in bits ``2j..2j+1`` of byte ``i``).
 - ``scale`` (float32) has the same rank as the logical weight. Along each axis its size is
   either the full size (one scale per index), 1 (shared over the axis: the matmul's contracting
   axes for per-channel quantization), or ``size / group_size`` (one scale per contiguous group
@@ -19,6 +23,16 @@ Layout
 - ``zero`` (asymmetric only) has the scale's shape: the dense value is ``(code - zero) * scale``.
   It is a float (``-min / scale``), not an integer: min-max quantization on the grid
   ``min + k * scale``, like llama.cpp's Q4_1, reproduces 4-bit data with that structure exactly.
+- ``outlier_idx`` / ``outlier_val`` (optional, dense-and-sparse weights in the spirit of SpQR and
+  SqueezeLLM): the ``r`` largest-magnitude weights of each output channel, kept exactly (float16)
+  beside the quantized dense part, which is quantized without them (so its scales are not
+  stretched by them). Both have the weight's rank with the contracting axis of size ``r``;
+  ``outlier_idx`` (int16/int32) holds each outlier's index along that axis. The dense value is the
+  dequantized codes with the outliers written over them.
+- ``act_scale`` (optional, W8A8 with static activation scales): the quantization step of the
+  matmul's *input*, calibrated once (``max |x| / 127`` over the calibration data, per layer for
+  stacked weights), shaped like the weight with every axis of size 1 except a stacked weight's
+  layer axis. Without it, activations are quantized dynamically, one scale per token.
 
 Because scale and zero keep every axis, layout-only equations (transpose, reshape, slicing,
 scan slicing) apply to them as to the codes, so a quantized weight stays quantized through the
@@ -47,7 +61,11 @@ NF4_CODEBOOK = np.array([
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
 
 FP8_E4M3_MAX = 448.0
-FORMATS = ("int8", "int4", "nf4", "fp8")
+FORMATS = ("int8", "int4", "nf4", "fp8", "int3", "int2")
+#: bits of information per code, and bits of storage per code when packed
+FORMAT_BITS = {"int8": 8, "fp8": 8, "int4": 4, "nf4": 4, "int3": 3, "int2": 2}
+STORAGE_BITS = {"int4": 4, "nf4": 4, "int3": 4, "int2": 2}
+SIGNED_PACKED = ("int4", "int3", "int2")   # two's complement codes when symmetric
 
 
 @dataclasses.dataclass
@@ -60,6 +78,9 @@ class QArray(StructuredValue):
     packed_axis: int | None = None       # negative axis along which two codes share a byte
     source: str = ""                     # parameter path, for reports
     in_scale: jax.Array | None = None    # AWQ: per input channel, applied to the activation
+    outlier_idx: jax.Array | None = None  # dense-and-sparse: indices along the contracting axis
+    outlier_val: jax.Array | None = None  # ... and their exact values (float16)
+    act_scale: jax.Array | None = None    # static activation step (W8A8 from calibration), all-ones shape
 
     # -- description ---------------------------------------------------------------------------
     @property
@@ -68,7 +89,11 @@ class QArray(StructuredValue):
 
     @property
     def bits(self) -> int:
-        return 8 if self.fmt in ("int8", "fp8") else 4
+        return FORMAT_BITS[self.fmt]
+
+    @property
+    def codes_per_byte(self) -> int:
+        return 8 // STORAGE_BITS.get(self.fmt, 8)
 
     @property
     def symmetric(self) -> bool:
@@ -78,7 +103,7 @@ class QArray(StructuredValue):
     def shape(self):
         shape = list(self.qvalue.shape)
         if self.packed_axis is not None:
-            shape[self.packed_axis] *= 2
+            shape[self.packed_axis] *= self.codes_per_byte
         return tuple(shape)
 
     @property
@@ -88,10 +113,18 @@ class QArray(StructuredValue):
     def describe(self) -> str:
         store = f"{jnp.dtype(self.qvalue.dtype).name}{list(self.qvalue.shape)}"
         if self.packed_axis is not None:
-            store += f" ({self.fmt}, 2 per byte along axis {self.packed_axis % self.ndim})"
+            store += (f" ({self.fmt}, {self.codes_per_byte} per byte along axis "
+                      f"{self.packed_axis % self.ndim})")
         text = f"{store} + f32{list(self.scale.shape)} scale"
         text += " + zero point" if self.zero is not None else ""
+        if self.outlier_idx is not None:
+            text += f" + {self.outlier_idx.shape[self.outlier_axis()]} outliers per channel"
         return text + (f" + f32{list(self.in_scale.shape)} input scale" if self.in_scale is not None else "")
+
+    def outlier_axis(self) -> int:
+        """The axis ``outlier_idx`` indexes: where its size differs from the weight's."""
+        diff = [d for d, (n, r) in enumerate(zip(self.shape, self.outlier_idx.shape)) if n != r]
+        return diff[0] if diff else self.ndim - 2
 
     def per_channel_axes(self) -> tuple[int, ...]:
         """Axes the scale is shared over entirely (size 1 where the weight is larger)."""
@@ -109,7 +142,8 @@ class QArray(StructuredValue):
         """Unpacked codes in the logical shape (int8 for int formats, indices for nf4)."""
         if self.packed_axis is None:
             return self.qvalue
-        return unpack_nibbles(self.qvalue, self.packed_axis, signed=self.fmt == "int4" and self.zero is None)
+        return unpack_codes(self.qvalue, self.packed_axis, STORAGE_BITS[self.fmt],
+                            signed=self.fmt in SIGNED_PACKED and self.zero is None)
 
     def code_values(self) -> jax.Array:
         """The codes as float32 numbers before scaling (codebook lookup for nf4)."""
@@ -123,6 +157,9 @@ class QArray(StructuredValue):
         w = self.code_values() * expand(self.scale, self.shape)
         if self.in_scale is not None:
             w = w * self.in_scale
+        if self.outlier_idx is not None:
+            w = put_along_axis(w, self.outlier_idx, self.outlier_val.astype(jnp.float32),
+                               self.outlier_axis())
         return w.astype(self.dtype)
 
     def unpacked(self) -> "QArray":
@@ -137,7 +174,8 @@ class QArray(StructuredValue):
 
     def _side_arrays(self) -> dict:
         """Keepdims arrays that follow the codes through layout ops (by field name)."""
-        return {f: getattr(self, f) for f in ("scale", "zero", "in_scale") if getattr(self, f) is not None}
+        return {f: getattr(self, f) for f in ("scale", "zero", "in_scale", "outlier_idx", "outlier_val",
+                                              "act_scale") if getattr(self, f) is not None}
 
     def apply_layout(self, name, params, *index_operands):
         if name in ("copy", "copy_p"):
@@ -154,6 +192,8 @@ class QArray(StructuredValue):
                                            packed_axis=moved, **side)
             # Otherwise packing is a storage detail: the layout op sees the codes.
             return self.unpacked().apply_layout(name, params, *index_operands)
+        if self.outlier_idx is not None and name == "reshape":
+            return None  # outlier indices refer to one axis; a reshape may merge it
         q = self.qvalue
         new_q = _layout_codes(name, params, q, index_operands)
         if new_q is None:
@@ -227,13 +267,34 @@ def _layout_side(name, params, q_shape, a, index_operands):
     return None
 
 
-jax.tree_util.register_dataclass(QArray, data_fields=["qvalue", "scale", "zero", "in_scale"],
+jax.tree_util.register_dataclass(QArray, data_fields=["qvalue", "scale", "zero", "in_scale",
+                                                      "outlier_idx", "outlier_val", "act_scale"],
                                  meta_fields=["dtype", "fmt", "packed_axis", "source"])
 
 
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
+
+def put_along_axis(w, idx, vals, axis: int):
+    """``w`` with ``vals`` written at indices ``idx`` along ``axis`` (idx/vals: w's rank, any
+    size along ``axis``, broadcastable elsewhere)."""
+    idx = jnp.broadcast_to(idx, w.shape[:axis] + idx.shape[axis:axis + 1] + w.shape[axis + 1:])
+    grids = list(jnp.indices(idx.shape, sparse=True))
+    grids[axis] = idx.astype(jnp.int32)
+    return w.at[tuple(grids)].set(jnp.broadcast_to(vals, idx.shape).astype(w.dtype))
+
+
+def split_outliers(w, axis: int, count: int):
+    """The ``count`` largest-magnitude entries of ``w`` along ``axis`` (per every other index):
+    ``(w with them zeroed, indices, values)``."""
+    moved = jnp.moveaxis(jnp.abs(w), axis, -1)
+    _, top = jax.lax.top_k(moved, count)                       # [..., count]
+    idx = jnp.moveaxis(top, -1, axis)
+    vals = jnp.take_along_axis(w, idx, axis=axis)
+    itype = jnp.int16 if w.shape[axis] <= np.iinfo(np.int16).max else jnp.int32
+    return put_along_axis(w, idx, jnp.zeros_like(vals), axis), idx.astype(itype), vals
+
 
 def expand(scale, shape):
     """Broadcasts a keepdims (possibly grouped) scale to ``shape``: along an axis where the scale
@@ -264,24 +325,37 @@ def _reshaped_scale_shape(q_shape, s_shape, new_shape):
     return tuple(out)
 
 
+def pack_codes(codes, axis: int, width: int):
+    """Packs ``width``-bit codes (2 or 4; two's complement or unsigned) ``8 // width`` per byte
+    along ``axis``, element ``j`` of each run in bits ``j*width ..``."""
+    axis, per = axis % codes.ndim, 8 // width
+    u = jnp.moveaxis((codes.astype(jnp.int32) & (2 ** width - 1)).astype(jnp.uint8), axis, -1)
+    packed = u[..., 0::per]
+    for j in range(1, per):
+        packed = packed | (u[..., j::per] << (j * width))
+    return jnp.moveaxis(packed, -1, axis)
+
+
+def unpack_codes(packed, axis: int, width: int, *, signed: bool):
+    """Inverse of :func:`pack_codes`: int8 codes, sign-extended when ``signed``."""
+    axis, per, mask = axis % packed.ndim, 8 // width, 2 ** width - 1
+    p = jnp.moveaxis(packed, axis, -1)
+    parts = [(p >> (j * width)) & mask for j in range(per)]
+    codes = jnp.stack(parts, axis=-1).reshape(p.shape[:-1] + (p.shape[-1] * per,)).astype(jnp.int8)
+    if signed:
+        half = 2 ** (width - 1)
+        codes = jnp.where(codes >= half, codes - 2 * half, codes).astype(jnp.int8)
+    return jnp.moveaxis(codes, -1, axis)
+
+
 def pack_nibbles(codes, axis: int):
     """Packs 4-bit codes (int8 in [-8, 7] or [0, 15]) two per byte along ``axis``."""
-    axis = axis % codes.ndim
-    u = (codes.astype(jnp.int32) & 0xF).astype(jnp.uint8)
-    u = jnp.moveaxis(u, axis, -1)
-    packed = u[..., 0::2] | (u[..., 1::2] << 4)
-    return jnp.moveaxis(packed, -1, axis)
+    return pack_codes(codes, axis, 4)
 
 
 def unpack_nibbles(packed, axis: int, *, signed: bool):
     """Inverse of :func:`pack_nibbles`: int8 codes, sign-extended when ``signed``."""
-    axis = axis % packed.ndim
-    p = jnp.moveaxis(packed, axis, -1)
-    lo, hi = p & 0xF, p >> 4
-    codes = jnp.stack([lo, hi], axis=-1).reshape(p.shape[:-1] + (p.shape[-1] * 2,)).astype(jnp.int8)
-    if signed:
-        codes = jnp.where(codes > 7, codes - 16, codes).astype(jnp.int8)
-    return jnp.moveaxis(codes, -1, axis)
+    return unpack_codes(packed, axis, 4, signed=signed)
 
 
 def _grouped(w, axis, group_size):
@@ -296,15 +370,24 @@ def _grouped(w, axis, group_size):
 # --------------------------------------------------------------------------------------------
 
 def quantize(w, reduce_axes: Sequence[int], *, fmt: str = "int8", group_size: int | None = None,
-             symmetric: bool = True, source: str = "") -> QArray:
+             symmetric: bool = True, source: str = "", outliers: int = 0) -> QArray:
     """Round-to-nearest quantization of ``w`` with scales shared over ``reduce_axes``.
 
     With ``group_size``, ``reduce_axes`` must be one axis (the contracting axis); scales are then
     per contiguous group of ``group_size`` along it. Formats: ``int8``, ``int4`` (packed along the
     first reduced axis), ``nf4`` (absmax per block, packed), ``fp8`` (e4m3, absmax / 448).
     Each dequantized element is within half a quantization step of the original (int formats).
+    ``outliers``: per output channel, that many largest-magnitude weights along the (single)
+    reduced axis are kept exactly beside the codes and left out of the scales.
     """
     reduce_axes = tuple(sorted(a % w.ndim for a in reduce_axes))
+    if outliers:
+        (axis,) = reduce_axes
+        dense, idx, vals = split_outliers(jnp.asarray(w, jnp.float32), axis, outliers)
+        q = quantize(dense, reduce_axes, fmt=fmt,
+                     group_size=group_size, symmetric=symmetric, source=source)
+        return dataclasses.replace(q, dtype=jnp.dtype(w.dtype), outlier_idx=idx,
+                                   outlier_val=vals.astype(jnp.float16))
     w32 = jnp.asarray(w, jnp.float32)
     if group_size is not None:
         (axis,) = reduce_axes
@@ -314,7 +397,7 @@ def quantize(w, reduce_axes: Sequence[int], *, fmt: str = "int8", group_size: in
         scale = q.scale.reshape(q.scale.shape[:axis] + (-1,) + q.scale.shape[axis + 2:])
         zero = None if q.zero is None else q.zero.reshape(scale.shape)
         out = QArray(codes, scale, zero, jnp.dtype(w.dtype), fmt, None, source)
-        return _pack(out, axis) if fmt in ("int4", "nf4") else out
+        return _pack(out, axis) if fmt in STORAGE_BITS else out
     if fmt == "fp8":
         amax = jnp.max(jnp.abs(w32), axis=reduce_axes, keepdims=True)
         scale = jnp.where(amax > 0, amax / FP8_E4M3_MAX, 1.0)
@@ -326,7 +409,7 @@ def quantize(w, reduce_axes: Sequence[int], *, fmt: str = "int8", group_size: in
         x = w32 / scale
         codes = jnp.argmin(jnp.abs(x[..., None] - jnp.asarray(NF4_CODEBOOK)), axis=-1).astype(jnp.int8)
         return _pack(QArray(codes, scale, None, jnp.dtype(w.dtype), fmt, None, source), reduce_axes[0])
-    bits = {"int8": 8, "int4": 4}[fmt]
+    bits = FORMAT_BITS[fmt]
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         amax = jnp.max(jnp.abs(w32), axis=reduce_axes, keepdims=True)
@@ -344,11 +427,12 @@ def quantize(w, reduce_axes: Sequence[int], *, fmt: str = "int8", group_size: in
         codes = jnp.clip(jnp.round((w32 - lo) / scale), 0, qmax)
         codes = codes.astype(jnp.uint8 if bits == 8 else jnp.int8)
     out = QArray(codes, scale.astype(jnp.float32), zero, jnp.dtype(w.dtype), fmt, None, source)
-    return _pack(out, reduce_axes[0]) if fmt == "int4" else out
+    return _pack(out, reduce_axes[0]) if fmt in STORAGE_BITS else out
 
 
 def _pack(q: QArray, axis: int) -> QArray:
-    return dataclasses.replace(q, qvalue=pack_nibbles(q.qvalue, axis), packed_axis=axis - q.qvalue.ndim)
+    return dataclasses.replace(q, qvalue=pack_codes(q.qvalue, axis, STORAGE_BITS[q.fmt]),
+                               packed_axis=axis - q.qvalue.ndim)
 
 
 def quantize_int8(w, reduce_axes, *, source: str = "") -> QArray:
@@ -367,4 +451,4 @@ def from_codes(codes, like: QArray, k_axis: int) -> QArray:
     else:
         q = codes.astype(jnp.int8)
     out = dataclasses.replace(like, qvalue=q, packed_axis=None)
-    return _pack(out, k_axis) if like.fmt in ("int4", "nf4") else out
+    return _pack(out, k_axis) if like.fmt in STORAGE_BITS else out

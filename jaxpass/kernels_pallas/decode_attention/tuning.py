@@ -1,0 +1,78 @@
+"""Default and measured launch configurations.
+
+``tuned_configs.json`` maps ``"{kind}|b{batch}|kvh{kv_heads}|g{groups}|d{head_dim}|L{capacity}"``
+(kind: dense, int8, kivi4, kivi2) to ``{"backend": "triton" | "xla", "config": DecodeConfig
+fields, "us": kernel time, "xla_us": XLA (dequantize in graph) time, "device", "date"}``, built
+from ``scripts/bench_decode_attention.py``'s ``bench_decode_attention.json`` (the fastest swept
+config, and "xla" where XLA was faster in the same run). Without an entry, ``default_config``
+picks enough splits to put ~16 programs per SM in flight and the largest block that divides
+the capacity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from jaxpass.kernels_pallas.decode_attention.config import DecodeConfig
+
+_PATH = os.path.join(os.path.dirname(__file__), "tuned_configs.json")
+_TABLE = None
+TARGET_PROGRAMS = 2048        # ~16 programs per SM on a 132-SM H100
+
+
+def kind_key(cache) -> str:
+    kind = cache.kind
+    return f"kivi{cache.bits}" if kind == "kivi" else kind
+
+
+def key(cache, groups: int) -> str:
+    b, kvh, cap, d = cache.shape
+    return f"{kind_key(cache)}|b{b}|kvh{kvh}|g{groups}|d{d}|L{cap}"
+
+
+def table() -> dict:
+    global _TABLE
+    if _TABLE is None:
+        _TABLE = {}
+        if os.path.exists(_PATH):
+            with open(_PATH) as f:
+                _TABLE = json.load(f)
+    return _TABLE
+
+
+def lookup(cache, groups: int):
+    """``(backend, DecodeConfig)`` measured for this exact shape, or None."""
+    entry = table().get(key(cache, groups))
+    if not entry:
+        return None
+    return entry.get("backend", "triton"), DecodeConfig.from_dict(entry["config"])
+
+
+def default_config(cache, groups: int) -> DecodeConfig:
+    """Largest power-of-two split count <= what fills the GPU, block sizes that divide."""
+    b, kvh, cap, d = cache.shape
+    # 2026-11-22 H100 sweep at 32K (docs/decode_attention.md): dense bf16 within 10% across
+    # block_k 64..256 and 8..32 splits; 64 tokens, 32 splits, 3 stages was fastest.
+    block_k = 64
+    if cache.kind == "kivi":
+        block_k = max(block_k, cache.group_size)
+    while block_k > 16 and cap % block_k:
+        block_k //= 2
+    splits = 1
+    while (b * kvh * splits * 2 <= TARGET_PROGRAMS and cap % (splits * 2 * block_k) == 0
+           and cap // (splits * 2) >= 4 * block_k):
+        splits *= 2
+    return DecodeConfig(block_k=block_k, num_splits=splits, num_warps=4,
+                        num_stages=2 if cache.kind == "kivi" else 3)
+
+
+def tpu_default_config(cache) -> DecodeConfig:
+    """Mosaic TPU (never measured): the largest of 512/256/128 dividing the capacity (DMA tiles of
+    whole lanes); splits only to give a small batch * heads grid some parallel programs."""
+    b, kvh, cap, d = cache.shape
+    block_k = next((bk for bk in (512, 256, 128) if cap % bk == 0), cap)
+    splits = 1
+    while b * kvh * splits < 8 and cap % (splits * 2 * block_k) == 0:
+        splits *= 2
+    return DecodeConfig(block_k=block_k, num_splits=splits, num_warps=4, num_stages=2)

@@ -1,0 +1,129 @@
+"""End to end: decode tokens/s and what fits in a fixed memory budget, bf16 cache vs compressed.
+
+    python scripts/bench_kv_generate.py --model 1b --batch 32 --prompt 2048 --steps 64 \
+        --budget-gb 40 --fit-context 32768 --out /tmp/kv_e2e.json
+
+For each cache (``--methods``, names of :data:`CACHES`): the model transformed with
+``passes.CompressKV`` (or not, for ``bf16``), then
+
+- ``kv_bytes_per_token``: bytes of ``t.init_cache(1, L)`` per token (abstract, exact);
+- prefill / decode tokens/s of :func:`jaxpass.models.generate.time_generation` (the same jitted
+  prefill and ``while_loop`` that ``generate`` runs; best of ``--repeats`` after warm-up);
+- the largest batch at ``--fit-context`` tokens whose decode step fits ``--budget-gb``: estimated
+  from the exact cache bytes plus the params, then checked by compiling the decode step at that
+  batch (cache donated, as the ``generate`` loop carries it in place) and reading XLA's peak
+  (``evaluate.peak_bytes``, nothing allocated); the first of 1, 0.85, 0.6, 0.3 x the estimate
+  that fits is reported.
+
+Random weights of the model's shape in bfloat16 (weights, activations and cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxpass
+from jaxpass import evaluate, models, passes
+from jaxpass.models.generate import time_generation
+from jaxpass.models.pure import pure_method
+
+C = passes.CompressKV
+CACHES = {
+    "bf16": None,
+    "int8": C(method="int8"),
+    "kivi4": C(method="kivi", bits=4),
+    "kivi2": C(method="kivi", bits=2),
+    "int8-xla": C(method="int8", use_kernel=False),
+    "kivi4-xla": C(method="kivi", bits=4, use_kernel=False),
+    "snapkv25": C(method="snapkv", budget=0.25),
+    "streaming25": C(method="streaming", budget=0.25),
+}
+
+
+def build(name, dtype, layers):
+    cfgs = {"1b": models.configs.llama32_1b, "8b": models.configs.llama3_8b,
+            "smollm2": models.configs.smollm2_135m, "tiny": models.configs.tiny}
+    over = dict(dtype=dtype, param_dtype=dtype)
+    if layers:
+        over["num_layers"] = layers
+    return models.random_model(cfgs[name](**over))
+
+
+def decode_peak(m, batch, context):
+    """XLA's peak bytes of one jitted decode step at (batch, context) (compiled, not run)."""
+    init = m.init_cache
+    cache = jax.eval_shape(lambda: init(batch, context))
+    fn, params, state = pure_method(m, "forward_cached")
+    ids = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+    return evaluate.peak_bytes(lambda p, c, i: fn(p, state, i, c, jnp.int32(context - 1)),
+                               params, cache, ids, donate_argnums=(1,))["peak"]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="1b")
+    ap.add_argument("--layers", type=int, default=0, help="override the number of layers")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--methods", default=",".join(CACHES))
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--budget-gb", type=float, default=40.0)
+    ap.add_argument("--fit-context", type=int, default=32768)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+
+    model = build(args.model, args.dtype, args.layers)
+    example = jnp.zeros((1, 16), jnp.int32)
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (args.batch, args.prompt))
+    budget = args.budget_gb * 2 ** 30
+    rows = []
+    for name in args.methods.split(","):
+        p = CACHES[name]
+        m = model if p is None else jaxpass.transform(model, passes=[p], example_args=(example,))
+        row = {"cache": name, "model": args.model, "layers": model.config.num_layers,
+               "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+        L = args.fit_context
+        per_token = evaluate.tree_bytes(jax.eval_shape(lambda: m.init_cache(1, L))) / L
+        params = evaluate.param_bytes(model)
+        row["kv_bytes_per_token"] = per_token
+        t0 = time.time()
+        try:
+            r = time_generation(m, ids, args.steps, repeats=args.repeats)
+            row.update(r)
+        except Exception as e:  # report, keep measuring the other caches
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        # Largest batch at fit_context: estimate from exact bytes, then check XLA's peak.
+        est = int((budget - params) // (per_token * L))
+        fit = None
+        for b in (est, int(est * 0.85), int(est * 0.6), int(est * 0.3)):
+            if b < 1:
+                continue
+            try:
+                peak = decode_peak(m, b, L)
+            except Exception as e:
+                row["fit_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                break
+            if peak <= budget:
+                fit = {"batch": b, "context": L, "peak_gb": peak / 2 ** 30}
+                break
+        row["fit"] = fit
+        row["seconds"] = round(time.time() - t0, 1)
+        row["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.out:  # after every row: a run cut short keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Quantization-aware fine-tuning of SmolLM2-135M at int4, and how much of the int4 loss it recovers.
+
+Five perplexities on the same held-out text (the evaluation corpus's first windows, as in
+``scripts/eval_quantization.py``), from one run:
+
+1. the float model;
+2. int4 round-to-nearest of the float model (post-training quantization);
+3. QAT: ``transform(model, [Quantize(...)], mode="train")``, ``--steps`` optax AdamW steps on
+   next-token loss over training text that never overlaps the held-out text, then
+   ``t.finalize(params)``: real packed int4 params;
+4. the control: the same fine-tune in float (``passes=[]``), so the gain of QAT is not confused
+   with adapting to the corpus;
+5. int4 round-to-nearest of that float fine-tune (fine-tune, then quantize).
+
+"Recovered" is (ppl2 - ppl3) / (ppl2 - ppl1); QAT's real advantage over quantizing after a plain
+fine-tune is ppl5 - ppl3.
+
+    python scripts/train_qat.py --steps 60 --out docs/qat_smollm2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+import optax
+from rich.progress import track
+
+import jaxpass
+from jaxpass import evaluate, models, passes
+
+EMBED = r"\['embed'\]"
+
+
+def batches(ids: np.ndarray, batch: int, seq: int, steps: int, seed: int = 0):
+    """``steps`` batches of ``[batch, seq + 1]`` token windows drawn from ``ids``."""
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(ids) - seq - 1, (steps, batch))
+    return [np.stack([ids[s:s + seq + 1] for s in row]).astype(np.int32) for row in starts]
+
+
+def fine_tune(t, data, lr: float, desc: str):
+    """AdamW with warmup + cosine decay on ``t.params``; returns the trained params and losses."""
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, len(data) // 10), len(data))
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.0))
+
+    def loss_fn(params, ids):
+        logits = t.apply(params, ids[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+    @jax.jit
+    def step(params, state, ids):
+        loss, grads = jax.value_and_grad(loss_fn)(params, ids)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    params, state, losses = t.params, opt.init(t.params), []
+    for ids in track(data, description=desc):
+        params, state, loss = step(params, state, jnp.asarray(ids))
+        losses.append(float(loss))
+    return params, losses
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--weights", default="int4")
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--train-paragraph", type=int, default=100,
+                    help="first KJV chapter of training text (the held-out windows end well before)")
+    ap.add_argument("--no-control", action="store_true", help="skip the float fine-tune control")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    model, tok = models.smollm2(scan_layers=True)
+    held_out = tok.encode(evaluate.corpus.english_text(max_chars=args.context * args.windows * 6))
+    if len(held_out) < args.context * args.windows:
+        raise SystemExit(f"corpus gave {len(held_out)} tokens, need {args.context * args.windows}")
+    train_ids = np.asarray(tok.encode(evaluate.corpus.english_text(
+        max_chars=args.batch * (args.seq + 1) * args.steps * 6, start_paragraph=args.train_paragraph)))
+    data = batches(train_ids, args.batch, args.seq, args.steps)
+    example = (jnp.asarray(data[0][:, :-1]),)
+    quant = [passes.Quantize(weights=args.weights, group_size=args.group_size, exclude=EMBED)]
+
+    def ppl(t):
+        return evaluate.perplexity(t, held_out, context_length=args.context, max_windows=args.windows)
+
+    rows, t0 = {}, time.time()
+    rows["float"] = ppl(model)
+    rows["PTQ RTN"] = ppl(jaxpass.transform(model, quant, example_args=example, check_numerics=False))
+    print({k: round(v, 4) for k, v in rows.items()}, flush=True)
+
+    t_qat = jaxpass.transform(model, quant, example_args=example, mode="train", check_numerics=False)
+    params, qat_losses = fine_tune(t_qat, data, args.lr, "QAT")
+    rows["QAT -> int4"] = ppl(t_qat.finalize(params))
+    print({k: round(v, 4) for k, v in rows.items()}, flush=True)
+
+    float_losses = None
+    if not args.no_control:
+        t_float = jaxpass.transform(model, [], example_args=example, mode="train", check_numerics=False)
+        params, float_losses = fine_tune(t_float, data, args.lr, "float fine-tune")
+        rows["float fine-tune"] = ppl(t_float.finalize(params))
+        rows["float fine-tune -> PTQ RTN"] = ppl(t_float.finalize(params, passes=quant))
+
+    gap = rows["PTQ RTN"] - rows["float"]
+    recovered = (rows["PTQ RTN"] - rows["QAT -> int4"]) / gap if gap > 0 else float("nan")
+    meta = dict(command="python scripts/train_qat.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+        if v not in (None, False) and k != "no_control") + (" --no-control" if args.no_control else ""),
+        device=f"CPU ({platform.machine()}), jax {jax.__version__}", date=str(datetime.date.today()),
+        quantize=repr(quant[0]), train_tokens=args.steps * args.batch * args.seq,
+        held_out_tokens=args.context * args.windows, seconds=round(time.time() - t0, 1))
+    print(f"\n{meta}\n| model | perplexity |\n|---|---|")
+    for k, v in rows.items():
+        print(f"| {k} | {v:.4f} |")
+    print(f"QAT recovers {100 * recovered:.1f}% of the {args.weights} round-to-nearest perplexity gap")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(meta=meta, ppl=rows, recovered=recovered, qat_losses=qat_losses,
+                           float_losses=float_losses), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

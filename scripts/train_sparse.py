@@ -1,0 +1,141 @@
+"""Sparse fine-tuning of SmolLM2-135M (2:4 by default) after one-shot pruning: how much of the
+one-shot perplexity loss a short run recovers.
+
+Three perplexities on the same held-out text (the evaluation corpus's first windows, as in
+``scripts/eval_sparsity.py``), from one run:
+
+1. the dense model;
+2. one-shot pruning: ``Sparsify(pattern, method)`` in inference mode;
+3. sparse training: ``transform(model, [Sparsify(...)], mode="train")`` (masked weights starting
+   from the same one-shot mask), ``--steps`` optax AdamW steps through
+   ``passes.sparsify.sparse_optimizer`` (SR-STE for N:M: straight-through gradients, decay of
+   pruned weights, mask recomputed every step; masked gradients for unstructured) on text that
+   never overlaps the held-out windows, then ``t.finalize(params)``: the inference model.
+
+"Recovered" is (ppl2 - ppl3) / (ppl2 - ppl1). Stacked (scan-over-layers) weights are used.
+
+    python scripts/train_sparse.py --steps 40 --out docs/sparse_train_smollm2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+import optax
+from rich.progress import track
+
+import jaxpass
+from jaxpass import evaluate, models, passes
+from jaxpass.passes.sparsify import sparse_optimizer
+
+EMBED = r"\['embed'\]"
+
+
+def batches(ids: np.ndarray, batch: int, seq: int, steps: int, seed: int = 0):
+    """``steps`` batches of ``[batch, seq + 1]`` token windows drawn from ``ids``."""
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(ids) - seq - 1, (steps, batch))
+    return [np.stack([ids[s:s + seq + 1] for s in row]).astype(np.int32) for row in starts]
+
+
+def fine_tune(t, data, lr: float):
+    """AdamW (warmup + cosine decay) wrapped by ``sparse_optimizer``; trained params, losses."""
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, len(data) // 10), len(data))
+    opt = sparse_optimizer(optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.0)))
+
+    def loss_fn(params, ids):
+        logits = t.apply(params, ids[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+    @jax.jit
+    def step(params, state, ids):
+        loss, grads = jax.value_and_grad(loss_fn)(params, ids)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    params, state, losses = t.params, opt.init(t.params), []
+    for ids in track(data, description="sparse fine-tune"):
+        params, state, loss = step(params, state, jnp.asarray(ids))
+        losses.append(float(loss))
+    return params, losses
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pattern", default="2:4")
+    ap.add_argument("--method", default="wanda", help="one-shot start: magnitude, wanda or sparsegpt")
+    ap.add_argument("--calib", type=int, default=8, help="calibration samples (wanda, sparsegpt)")
+    ap.add_argument("--calib-len", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--windows", type=int, default=2)
+    ap.add_argument("--train-paragraph", type=int, default=100,
+                    help="first KJV chapter of training text (the held-out windows end well before)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    model, tok = models.smollm2(scan_layers=True)
+    held_out = tok.encode(evaluate.corpus.english_text(max_chars=args.context * args.windows * 6))
+    if len(held_out) < args.context * args.windows:
+        raise SystemExit(f"corpus gave {len(held_out)} tokens, need {args.context * args.windows}")
+    train_ids = np.asarray(tok.encode(evaluate.corpus.english_text(
+        max_chars=args.batch * (args.seq + 1) * args.steps * 6, start_paragraph=args.train_paragraph)))
+    data = batches(train_ids, args.batch, args.seq, args.steps)
+    example = (jnp.asarray(data[0][:, :-1]),)
+    sparsify = [passes.Sparsify(pattern=args.pattern, method=args.method, exclude=EMBED)]
+    calib = None
+    if args.method != "magnitude":   # from chapters after the training text, as eval_sparsity.py
+        cids = tok.encode(evaluate.corpus.english_text(max_chars=args.calib_len * args.calib * 6,
+                                                       start_paragraph=800))
+        calib = [(jnp.asarray([cids[i * args.calib_len:(i + 1) * args.calib_len]], jnp.int32),)
+                 for i in range(args.calib)]
+        example = calib[0]
+
+    def ppl(t):
+        return evaluate.perplexity(t, held_out, context_length=args.context, max_windows=args.windows)
+
+    rows, t0 = {}, time.time()
+    rows["dense"] = ppl(model)
+    rows["one-shot"] = ppl(jaxpass.transform(model, sparsify, example_args=example, check_numerics=False,
+                                             calibration_data=calib))
+    print({k: round(v, 4) for k, v in rows.items()}, flush=True)
+    t = jaxpass.transform(model, sparsify, example_args=example, mode="train", check_numerics=False,
+                          calibration_data=calib)
+    params, losses = fine_tune(t, data, args.lr)
+    # Finalize with magnitude pruning at the same pattern: the trained weights are already sparse,
+    # so it keeps exactly the trained mask (no calibration, no second reconstruction).
+    final = t.finalize(params, passes=[passes.Sparsify(pattern=args.pattern, exclude=EMBED)])
+    rows["sparse fine-tune -> finalize"] = ppl(final)
+    zeros = [c.after for p in final.report for c in p.changed]
+
+    gap = rows["one-shot"] - rows["dense"]
+    recovered = (rows["one-shot"] - rows["sparse fine-tune -> finalize"]) / gap if gap > 0 else float("nan")
+    meta = dict(command="python scripts/train_sparse.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+        device=f"CPU ({platform.machine()}), jax {jax.__version__}", date=str(datetime.date.today()),
+        sparsify=repr(sparsify[0]), train_tokens=args.steps * args.batch * args.seq,
+        held_out_tokens=args.context * args.windows, seconds=round(time.time() - t0, 1))
+    print(f"\n{meta}\n| model | perplexity |\n|---|---|")
+    for k, v in rows.items():
+        print(f"| {k} | {v:.4f} |")
+    print(f"sparse fine-tuning recovers {100 * recovered:.1f}% of the one-shot perplexity gap")
+    print("finalized params:", zeros[:3])
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(meta=meta, ppl=rows, recovered=recovered, losses=losses,
+                           finalized=zeros), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
