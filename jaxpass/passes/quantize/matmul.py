@@ -61,10 +61,10 @@ def _quantize_activation(x, x_contracting, activations, static_scale=None):
     or static: one calibrated step for the whole input (values beyond the calibrated range clip)."""
     xf = x.astype(jnp.float32)
     if static_scale is not None:
-        xs = jnp.reshape(static_scale.astype(jnp.float32), ())
+        xs = jnp.reshape(static_scale.astype(jnp.float32), (1,) * x.ndim)
         if activations == "int8":
-            return jnp.clip(jnp.round(xf / xs), -127, 127).astype(jnp.int8), xs * jnp.ones((1,) * x.ndim)
-        return (jnp.clip(xf / xs, -448.0, 448.0)).astype(jnp.float8_e4m3fn), xs * jnp.ones((1,) * x.ndim)
+            return jnp.clip(jnp.round(xf / xs), -127, 127).astype(jnp.int8), xs
+        return jnp.clip(xf / xs, -448.0, 448.0).astype(jnp.float8_e4m3fn), xs
     amax = jnp.max(jnp.abs(xf), axis=tuple(x_contracting), keepdims=True)
     if activations == "int8":
         xs = jnp.where(amax > 0, amax / 127.0, 1.0)

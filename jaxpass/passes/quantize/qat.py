@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpass.core import compat
-from jaxpass.core.values import TrainableValue
+from jaxpass.core.values import TrainableValue, materialize
 from jaxpass.passes.quantize.qarray import quantize
 
 
@@ -122,7 +122,7 @@ def fake_dot_general_rule(ctx, eqn, invals, activations=None):
         return NotImplemented
     w_idx = 1 if isinstance(rhs, FakeQuantized) else 0
     w, x = invals[w_idx], invals[1 - w_idx]
-    x = x.materialize() if hasattr(x, "materialize") else x
+    x = materialize(x)
     (lc, rc), _ = eqn.params["dimension_numbers"]
     if activations is not None:
         x = fake_quantize_activation(x, lc if w_idx == 1 else rc, activations)
