@@ -11,12 +11,15 @@ For each Llama-3-8B projection shape (arg_specs.LLAMA3_8B_KN) and M, in one run:
 and the device-to-device copy bandwidth measured in the same run (bytes read + written), against
 which the kernels' achieved GB/s (weight + scales + x + y bytes, each once) is given in percent.
 
-Timing: each op is jitted R and 2R times into one executable, every call with its own x and its
-own weight copy (so XLA cannot merge calls and no weight is served from the 50 MB L2), and the
-time per op is (T(2R) - T(R)) / R from medians over 25 runs, which removes the host's dispatch
-cost. With ``--tune``, decode shapes (M <= 64) first sweep the kernel
-configs in ``candidates()`` and the best (or XLA, if faster) goes to tuned_configs.json, which the
-auto dispatch then uses. Full results go to $OUT (bench_results.json, tuned_configs.json).
+Timing: device time from a profiler trace (``gpu_timing.device_time_us``: the median span of
+one call's executable on the GPU over 40 calls, each call a separate launch), cycling through
+enough distinct weight copies that no call finds its weight in the 50 MB L2. (Until 2026-11-23 the
+script timed R and 2R calls in one executable on the host; with decode kernels of 5-50 us, host
+launch costs leaked into that slope and scattered it 2-3x between configs.)
+
+With ``--tune``, decode shapes (M <= 64) first sweep the kernel configs in ``candidates()`` (the
+word GEMV and the byte kernel at M = 1) and the best (or XLA, if faster) goes to
+tuned_configs.json, which the auto dispatch then uses. Full results go to $OUT (bench_results.json, tuned_configs.json).
 
     python scripts/bench_matmul.py --tune            # on the GPU; table printed last
     python scripts/bench_matmul.py --quick           # two shapes, decode M only
@@ -32,62 +35,36 @@ import functools
 import json
 import math
 import os
-import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_kernel_check import import_kernels  # noqa: E402  (also sets up the package path)
+from gpu_timing import copies_needed, copy_bandwidth, device_time_us  # noqa: E402
 
 
 
-def reps_for(est_s):
-    """R: calls per executable, so that one run of R calls takes about 1.5 ms."""
-    return int(min(32, max(2, round(1.5e-3 / max(est_s, 1e-7)))))
+def time_per_op(fn, xs, ws):
+    """Seconds per ``fn(x, *w)`` call on the device (``gpu_timing.device_time_us``).
 
-
-def _median_time(f, args, reps):
-    import jax
-    jax.block_until_ready(f(*args))
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
-def time_per_op(fn, xs, ws, r, reps=25):
-    """Seconds per ``fn(x, *w)`` call, by the R / 2R slope (see module docstring).
-
-    Call i uses ``xs[i]`` and ``ws[i]`` (both lists hold >= 2R distinct arrays): no two calls in
-    one executable share an operand, so XLA can neither merge them (dot merger, CSE of the
-    dequantization) nor serve a weight from L2: every call reads its weight from memory.
+    Calls cycle through ``xs`` and ``ws`` together; ``ws`` holds enough distinct weight copies
+    that no call finds its weight in L2 (``gpu_timing.copies_needed``).
     """
+    count = max(len(xs), len(ws))
+    args = [(xs[i % len(xs)], *ws[i % len(ws)]) for i in range(count)]
+    if jax_backend() != "gpu":  # --cpu_smoke: no device trace; one wall-clock call
+        import jax
+        f = jax.jit(fn)
+        jax.block_until_ready(f(*args[0]))
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args[0]))
+        return time.perf_counter() - t0
+    return device_time_us(fn, args) * 1e-6
+
+
+def jax_backend():
     import jax
-    assert len(xs) >= 2 * r and len(ws) >= 2 * r, (len(xs), len(ws), r)
-
-    def make(count):
-        @jax.jit
-        def run(xs_, ws_):
-            return [fn(xs_[i], *ws_[i]) for i in range(count)]
-        return run
-
-    t1 = _median_time(make(r), (list(xs[:r]), list(ws[:r])), reps)
-    t2 = _median_time(make(2 * r), (list(xs[:2 * r]), list(ws[:2 * r])), reps)
-    return max((t2 - t1) / r, 1e-9)
-
-
-def copy_bandwidth():
-    """Device-to-device bandwidth in bytes/s (read + write), same slope, 8 arrays of 256 MiB."""
-    import jax
-    import jax.numpy as jnp
-    size = 2 ** 26 if jax.default_backend() == "gpu" else 2 ** 18
-    arrs = [jnp.full((size,), float(i), jnp.float32) for i in range(8)]
-    t = time_per_op(lambda a: a + 1.0, arrs, [()] * 8, 4, reps=15)
-    del arrs
-    return 2 * 4 * size / t
+    return jax.default_backend()
 
 
 def candidates(m, k, n, bits, wide=False):
@@ -111,6 +88,13 @@ def candidates(m, k, n, bits, wide=False):
     out = []
     for bm_, bn, bk, split, warps, stages in grid:
         out.append(TritonConfig(bm_, bn, bk * (2 if bits == 8 else 1), split, warps, stages))
+    if m == 1:  # the word GEMV: the best block shapes of scripts/sweep_gemv.py on the H100
+        from jaxpass.kernels_pallas.quantized_matmul.config import GemvConfig
+        shapes = [(32, 32, 8, 2), (64, 16, 8, 4), (128, 16, 8, 4), (64, 32, 4, 4), (32, 64, 4, 4),
+                  (32, 64, 2, 4)]
+        if n >= 32768:
+            shapes = [(64, 32, 1, 4), (32, 64, 1, 4), (64, 16, 2, 4), (64, 16, 4, 4)]
+        out = [GemvConfig(bn, bw, split, warps, 2) for bn, bw, split, warps in shapes] + out[:4]
     return out
 
 
@@ -137,7 +121,9 @@ def main():
     import jax
     import jax.numpy as jnp
     qmm = import_kernels()
-    from jaxpass.kernels_pallas.quantized_matmul import api, pallas_triton, reference, tuning
+    from jaxpass.kernels_pallas.quantized_matmul import (api, pallas_triton, pallas_triton_gemv,
+                                                         reference, tuning)
+    from jaxpass.kernels_pallas.quantized_matmul.config import GemvConfig
     from jaxpass.kernels_pallas.quantized_matmul.arg_specs import ALL_M, DECODE_M, LLAMA3_8B_KN
 
     ap = argparse.ArgumentParser()
@@ -156,7 +142,7 @@ def main():
 
     dev = jax.devices()[0]
     print("jax", jax.__version__, dev.device_kind, flush=True)
-    bw = copy_bandwidth()
+    bw = copy_bandwidth() if not args.cpu_smoke else 1e11
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write)", flush=True)
 
     shapes, ms = LLAMA3_8B_KN, ALL_M
@@ -178,25 +164,23 @@ def main():
         if time.time() - t_start > args.budget_s:
             print(f"budget reached; skipping {name}", flush=True)
             continue
-        wb16 = k * n * 2
-        r_max = reps_for(wb16 / bw * 2 + 2e-6)
-        cw = 2 * r_max  # a distinct weight for every call of the largest executable
+        # distinct weight copies per format, so that cycling through them never hits L2
         w16 = [((jax.random.normal(jax.random.fold_in(key, 50 + c), (k, n), jnp.float32)
-                 / math.sqrt(k)).astype(jnp.bfloat16),) for c in range(cw)]
+                 / math.sqrt(k)).astype(jnp.bfloat16),) for c in range(copies_needed(2 * k * n))]
         w8 = [(jax.random.randint(jax.random.fold_in(key, 60 + c), (k, n), -128, 128)
-               .astype(jnp.int8), jnp.full((1, n), 0.01, jnp.bfloat16)) for c in range(cw)]
+               .astype(jnp.int8), jnp.full((1, n), 0.01, jnp.bfloat16))
+              for c in range(copies_needed(k * n))]
         w4 = [(jax.random.randint(jax.random.fold_in(key, 70 + c), (k, n), -8, 8)
-               .astype(jnp.int4), jnp.full((k // 128, n), 0.01, jnp.bfloat16)) for c in range(cw)]
-        packed = {fmt: make_packed(key, k, n, fmt, cw) for fmt in fmts}
+               .astype(jnp.int4), jnp.full((k // 128, n), 0.01, jnp.bfloat16))
+              for c in range(copies_needed(k * n // 2))]
+        packed = {fmt: make_packed(key, k, n, fmt, copies_needed(k * n // (2 if "int4" in fmt else 1)))
+                  for fmt in fmts}
         for m in ms:
             if time.time() - t_start > args.budget_s:
                 print(f"budget reached; skipping {name} M{m}", flush=True)
                 break
-            flops = 2 * m * k * n
-            est = max(wb16 / bw * 2, flops / 6e14) + 2e-6
-            r = min(reps_for(est), r_max)
-            xall = jax.random.normal(jax.random.fold_in(key, 900 + m), (2 * r, m, k), jnp.bfloat16)
-            xs = [xall[i] for i in range(2 * r)]
+            xall = jax.random.normal(jax.random.fold_in(key, 900 + m), (4, m, k), jnp.bfloat16)
+            xs = [xall[i] for i in range(4)]
 
             def bf16_op(x, w):
                 return x @ w
@@ -208,26 +192,28 @@ def main():
                 w = (wq.astype(jnp.bfloat16).reshape(k // 128, 128, n) * s[:, None, :])
                 return x @ w.reshape(k, n)
 
-            row = dict(shape=name, m=m, k=k, n=n, r=r)
-            row["bf16_us"] = 1e6 * time_per_op(bf16_op, xs, w16, r)
-            row["xla_int8_us"] = 1e6 * time_per_op(xla8_op, xs, w8, r)
-            row["xla_int4_us"] = 1e6 * time_per_op(xla4_op, xs, w4, r)
+            row = dict(shape=name, m=m, k=k, n=n)
+            row["bf16_us"] = 1e6 * time_per_op(bf16_op, xs, w16)
+            row["xla_int8_us"] = 1e6 * time_per_op(xla8_op, xs, w8)
+            row["xla_int4_us"] = 1e6 * time_per_op(xla4_op, xs, w4)
             for fmt in fmts:
                 pws = packed[fmt]
                 pw = pws[0][0]
                 nbytes = pw.nbytes + 2 * m * k + 2 * m * n
-                fb_us = 1e6 * time_per_op(reference.quantized_matmul_xla, xs, pws, r)
+                fb_us = 1e6 * time_per_op(reference.quantized_matmul_xla, xs, pws)
                 row[f"{fmt}_fallback_us"] = fb_us
                 tkey = tuning.key(fmt, jnp.bfloat16, m, k, n)
                 if args.tune and m in DECODE_M:
                     best, sweep = None, []
                     for cfg in candidates(m, k, n, pw.bits, args.wide)[:(2 if interp else None)]:
-                        if pallas_triton.check_config(xs[0].shape, xs[0].dtype, pw, cfg):
+                        if api._check(xs[0].shape, xs[0].dtype, pw, cfg):
                             continue
+                        kernel = (pallas_triton_gemv.quantized_matmul_gemv
+                                  if isinstance(cfg, GemvConfig) else
+                                  pallas_triton.quantized_matmul_triton)
                         try:
-                            f = functools.partial(pallas_triton.quantized_matmul_triton,
-                                                  config=cfg, interpret=interp)
-                            t_us = 1e6 * time_per_op(f, xs, pws, r)
+                            f = functools.partial(kernel, config=cfg, interpret=interp)
+                            t_us = 1e6 * time_per_op(f, xs, pws)
                         except Exception as ex:  # noqa: BLE001
                             print(f"  {cfg.short()} failed: {type(ex).__name__}: {str(ex)[:200]}")
                             continue
@@ -236,7 +222,7 @@ def main():
                             best = (cfg, t_us)
                     row[f"{fmt}_sweep"] = sweep
                     if best is not None:
-                        backend = "triton" if best[1] < fb_us else "xla"
+                        backend = api._backend_of(best[0]) if best[1] < fb_us else "xla"
                         tuned[tkey] = dict(backend=backend, config=best[0].to_dict(),
                                            kernel_us=round(best[1], 2), xla_us=round(fb_us, 2),
                                            bf16_us=round(row["bf16_us"], 2),
@@ -245,13 +231,13 @@ def main():
                 elif args.tune:
                     tuned[tkey] = dict(backend="xla", config=None, xla_us=round(fb_us, 2),
                                        bf16_us=round(row["bf16_us"], 2), device=dev.device_kind)
-                if args.tune:  # the auto dispatch below then reads the table as tuned so far
+                if args.tune and not interp:  # auto dispatch below reads the table tuned so far
                     _write_table(tuning.TUNED_PATH, tuned, dev, keep_existing=True)
                     tuning._table.cache_clear()
                 sel = api.select_implementation(xs[0].shape, xs[0].dtype, pw,
                                                 platform="gpu" if interp else None)
                 t_us = 1e6 * time_per_op(functools.partial(qmm.quantized_matmul, interpret=interp),
-                                         xs, pws, r)
+                                         xs, pws)
                 row[f"{fmt}_us"] = t_us
                 row[f"{fmt}_backend"] = sel.backend + (
                     f":{sel.config.short()}" if sel.config is not None else "")

@@ -69,21 +69,14 @@ def init_distributed(args) -> None:
     n, pid = int(n), int(pid)
     if n < 1 or not 0 <= pid < n:
         raise SystemExit(f"--process-id {pid} must be in [0, {n}) for --num-processes {n}")
-    # A rendezvous that fails (processes disagree on the count or coordinator) aborts inside
-    # XLA after the timeout, past Python's reach: say what is being attempted first.
-    print(f"[train] joining {addr} as process {pid} of {n} (timeout {args.init_timeout} s); an "
-          "abort in RegisterTask means the processes disagree on --num-processes or --coordinator",
-          file=sys.stderr, flush=True)
+    # Pre-flight (jaxpass.sharding.distributed): processes that disagree on the count, or one
+    # that never started, fail here with a clear message in every process, before XLA's
+    # rendezvous (which would abort after its timeout) and before anything is compiled.
+    from jaxpass.sharding import distributed
     try:
-        jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=pid,
-                                   initialization_timeout=args.init_timeout)
-    except Exception as e:  # a mismatched count shows up as a failed/timed-out rendezvous
-        raise SystemExit(f"jax.distributed.initialize(coordinator={addr}, num_processes={n}, "
-                         f"process_id={pid}) failed: {e}. Do all processes use the same "
-                         "coordinator and process count?") from e
-    if jax.process_count() != n:
-        raise SystemExit(f"the coordinator at {addr} reports {jax.process_count()} processes, this "
-                         f"process was started with --num-processes {n}")
+        distributed.initialize(addr, n, pid, timeout=args.init_timeout)
+    except distributed.DistributedConfigError as e:
+        raise SystemExit(f"[train] process {pid}: {e}") from e
 
 
 def build_model(args):

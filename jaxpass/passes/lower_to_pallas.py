@@ -216,6 +216,11 @@ class LowerToPallas:
             if node in why_not or node not in sites_by_node:
                 report.skipped.append((node, why_not.get(node, "no quantized matmul uses it")))
                 continue
+            if _is_sharded(q):
+                report.skipped.append((node, "sharded across devices (Shard runs before this "
+                                             "pass): the kernels take a whole weight on one "
+                                             "device, so this matmul stays on XLA's sharded path"))
+                continue
             k_axes = {_param_k_axis(s) for s in sites_by_node[node]}
             if len(k_axes) != 1:
                 report.skipped.append((node, "its matmuls contract different axes of it"))
@@ -253,6 +258,15 @@ class LowerToPallas:
 
         rules = Rules({OP: lower, **sparse_rules}, structured_only=frozenset({OP, *sparse_rules}))
         return PassResult(replacements, rules, report, tolerance=1e-2)
+
+
+def _is_sharded(q) -> bool:
+    """Whether any array of ``q`` is split across several devices (placed by ``passes.Shard``)."""
+    for leaf in jax.tree_util.tree_leaves(q):
+        sh = getattr(leaf, "sharding", None)
+        if sh is not None and len(sh.device_set) > 1 and not sh.is_fully_replicated:
+            return True
+    return False
 
 
 def _param_k_axis(site) -> int:

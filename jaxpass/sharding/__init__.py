@@ -9,11 +9,12 @@
 ``passes.Shard`` applies them to a transformed program; see ``docs/sharding.md``.
 """
 
+from jaxpass.sharding.distributed import DistributedConfigError, initialize, preflight
 from jaxpass.sharding.mesh import axis_sizes, is_explicit, make_mesh, mesh_from_state, mesh_state
 from jaxpass.sharding.place import batch_spec, place, shard_batch, shard_kv_cache, shardings_of
 from jaxpass.sharding.presets import PRESETS, logical_axes, preset_rules
 from jaxpass.sharding.rules import LogicalRules, PathRules, leaf_specs
 
-__all__ = ["make_mesh", "axis_sizes", "is_explicit", "mesh_state", "mesh_from_state", "place",
+__all__ = ["initialize", "preflight", "DistributedConfigError", "make_mesh", "axis_sizes", "is_explicit", "mesh_state", "mesh_from_state", "place",
            "batch_spec", "shard_batch", "shard_kv_cache", "shardings_of", "PRESETS",
            "logical_axes", "preset_rules", "LogicalRules", "PathRules", "leaf_specs"]

@@ -121,10 +121,12 @@ def test_auto_on_gpu_decode_picks_triton_and_prefill_xla_without_tuning():
 
 def test_auto_falls_back_when_the_kernel_does_not_apply():
     pw = random_packed(np.random.default_rng(0), 48, 32, 4, 16, True)  # 8 columns per group
-    sel = api.select_implementation((1, 48), jnp.bfloat16, pw, platform="gpu")
+    sel = api.select_implementation((4, 48), jnp.bfloat16, pw, platform="gpu")
     assert sel.backend == "xla" and "group_size=16" in sel.reason
     with pytest.raises(ValueError, match="triton"):
         api.select_implementation((1, 48), jnp.bfloat16, pw, backend="triton")
+    # one row: the word GEMV reads whole 8-value words, which a group of 16 holds exactly
+    assert api.select_implementation((1, 48), jnp.bfloat16, pw, platform="gpu").backend == "triton_gemv"
 
 
 def test_quantized_matmul_under_jit_and_with_interpret():

@@ -97,6 +97,30 @@ def check_quantized(presets=("fsdp+tp",)):
     return out
 
 
+def check_lower_after_shard():
+    """LowerToPallas after Shard: sharded weights stay on XLA (named in the report / error);
+    replicated ones (dp) are lowered and match the unsharded quantized model."""
+    model, ids = _tiny(scan=False), _ids()
+    q = passes.Quantize(weights="int4", group_size=32)  # 16 stored columns: the kernel's minimum
+    tq = jaxpass.transform(model, [q], example_args=(ids,), check_numerics=False)
+    ref = np.asarray(jax.jit(tq.apply)(tq.params, ids))
+    low = passes.LowerToPallas(backend="triton", interpret=True)
+    out = {}
+    mesh = sharding.make_mesh(MESHES["fsdp+tp"])
+    try:
+        jaxpass.transform(model, [q, passes.Shard(mesh=mesh, preset="fsdp+tp"), low],
+                          example_args=(ids,), check_numerics=False)
+        out["sharded_error"] = None
+    except jaxpass.PassError as e:
+        out["sharded_error"] = str(e)
+    mesh = sharding.make_mesh(MESHES["dp"])
+    t = jaxpass.transform(model, [q, passes.Shard(mesh=mesh, preset="dp"), low],
+                          example_args=(ids,), check_numerics=False)
+    out["dp_rel_err"] = _err(jax.jit(t.apply)(t.params, ids), ref)
+    out["dp_lowered"] = len(t.report[-1].matched_ops)
+    return out
+
+
 def _all_gathers(hlo: str) -> list[tuple[int, ...]]:
     shapes = []
     for m in re.finditer(r"= \w+\[([\d,]*)\]\{[^}]*\} all-gather(?:-start)?\(", hlo):

@@ -30,7 +30,7 @@ def run_worker(*checks, timeout=900):
 
 @pytest.fixture(scope="module")
 def default_results():
-    return run_worker("presets", "quantized", "hlo")
+    return run_worker("presets", "quantized", "hlo", "lower_after_shard")
 
 
 EXPECTED = {  # the tiny scan-over-layers Llama: [L, in, out] kernels, [vocab, d] embedding
@@ -70,6 +70,12 @@ def test_int4_codes_and_scales_shard_together_and_save_load_exactly(default_resu
         assert s[base + ".qvalue"] == s[base + ".scale"] == "P(None, 'tensor')"
     assert any("4 shards would cut a group" in n for n in r["notes"])
     assert r["load_exact"] and r["load_same_shardings"] and r["load_rel_err"] == 0.0
+
+
+def test_lower_to_pallas_after_shard_keeps_sharded_weights_on_xla(default_results):
+    r = default_results["lower_after_shard"]
+    assert r["sharded_error"] and "sharded across devices" in r["sharded_error"]
+    assert r["dp_lowered"] > 0 and r["dp_rel_err"] <= 1e-2  # bf16-tolerance kernels, replicated
 
 
 def test_fsdp_gathers_one_layer_at_a_time(default_results):

@@ -77,6 +77,23 @@ def test_two_processes_jax_distributed_cpu(tmp_path):
     assert rec["shardings"]["['layers'][0]['attn']['q_proj']['kernel']"] == "P('fsdp', 'tensor')"
 
 
+def test_mismatched_process_counts_fail_clearly_in_every_process(tmp_path):
+    port = _free_port()
+    procs = []
+    for pid, n in ((0, 2), (1, 3)):  # the two processes disagree on the count
+        cmd = [sys.executable, SCRIPT, *TINY, "--steps", "1", "--coordinator", f"localhost:{port}",
+               "--num-processes", str(n), "--process-id", str(pid), "--init-timeout", "30",
+               "--cpu-collectives", "gloo", "--out", str(tmp_path / f"out{pid}.json")]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      env=_env(2), cwd=str(tmp_path)))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode != 0, out[-2000:]
+        assert "process 1 was started with num_processes=3, process 0 with num_processes=2" in out, \
+            out[-2000:]
+        assert "RegisterTask" not in out  # caught before XLA's rendezvous
+
+
 def test_bad_process_arguments_fail_before_compiling():
     train = _train_module()
     for argv, msg in ((["--num-processes", "2", "--process-id", "2", "--coordinator", "localhost:1"],

@@ -15,7 +15,7 @@ from jaxpass.kernels_pallas.quantized_matmul.layout import (
     pack,
     unpack,
 )
-from jaxpass.kernels_pallas.quantized_matmul.config import TritonConfig
+from jaxpass.kernels_pallas.quantized_matmul.config import GemvConfig, TritonConfig
 from jaxpass.kernels_pallas.quantized_matmul.api import (
     int8_matmul,
     quantized_matmul,
@@ -23,6 +23,6 @@ from jaxpass.kernels_pallas.quantized_matmul.api import (
 )
 
 __all__ = [
-    "PackedWeight", "pack", "unpack", "dequantize", "TritonConfig",
+    "PackedWeight", "pack", "unpack", "dequantize", "TritonConfig", "GemvConfig",
     "quantized_matmul", "int8_matmul", "select_implementation",
 ]

@@ -4,8 +4,9 @@
 
 * on a CUDA GPU: the tuned choice for this (format, dtype, M bucket, K, N) from
   ``tuned_configs.json`` (measured against XLA by ``scripts/bench_matmul.py``); with no entry, the
-  Pallas Triton kernel for decode shapes (M <= 64) and XLA (dequantize + dot) for larger M, where
-  the weight is re-read by few programs and XLA's GEMMs win;
+  word GEMV (``pallas_triton_gemv``) for a single row of 16-bit x, the Pallas Triton kernel for
+  other decode shapes (M <= 64) and XLA (dequantize + dot) for larger M, where the weight is
+  re-read by few programs and XLA's GEMMs win;
 * on TPU: the Mosaic TPU kernel where its block constraints hold, else XLA;
 * elsewhere (CPU): XLA.
 
@@ -20,11 +21,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxpass.kernels_pallas.quantized_matmul import reference, tuning
-from jaxpass.kernels_pallas.quantized_matmul.config import Int8Config, TritonConfig
+from jaxpass.kernels_pallas.quantized_matmul import pallas_triton_gemv, reference, tuning
+from jaxpass.kernels_pallas.quantized_matmul.config import GemvConfig, Int8Config, TritonConfig
 from jaxpass.kernels_pallas.quantized_matmul.layout import PackedWeight
 
-BACKENDS = ("auto", "xla", "reference", "triton", "mosaic_tpu")
+BACKENDS = ("auto", "xla", "reference", "triton", "triton_gemv", "mosaic_tpu")
 DECODE_MAX_M = 64
 
 
@@ -54,12 +55,12 @@ def select_implementation(x_shape, x_dtype, pw: PackedWeight, *, backend: str = 
         m *= int(d)
     if backend in ("xla", "reference"):
         return Selection(backend, None, "requested")
-    if backend == "triton":
-        cfg = config or _tuned_or_default(pw, x_dtype, m)[0]
-        why = pallas_triton.check_config(x_shape, x_dtype, pw, cfg)
+    if backend in ("triton", "triton_gemv"):
+        cfg = config or _tuned_or_default(pw, x_dtype, m, gemv_ok=backend == "triton_gemv")[0]
+        why = _check(x_shape, x_dtype, pw, cfg)
         if why:
-            raise ValueError(f"backend='triton' cannot run this problem: {why}")
-        return Selection("triton", cfg, "requested")
+            raise ValueError(f"backend={backend!r} cannot run this problem: {why}")
+        return Selection(_backend_of(cfg), cfg, "requested")
     if backend == "mosaic_tpu":
         from jaxpass.kernels_pallas.quantized_matmul import pallas_mosaic_tpu
         why = pallas_mosaic_tpu.check(x_shape, x_dtype, pw, config)
@@ -71,15 +72,18 @@ def select_implementation(x_shape, x_dtype, pw: PackedWeight, *, backend: str = 
     if platform == "gpu":
         cfg, tuned_backend, origin = _tuned_or_default(pw, x_dtype, m)
         if config is not None:
-            cfg, tuned_backend, origin = config, "triton", "config given"
+            cfg, tuned_backend, origin = config, _backend_of(config), "config given"
         if tuned_backend == "xla":
             return Selection("xla", None, f"XLA measured faster ({origin})")
         if tuned_backend is None and m > DECODE_MAX_M:
             return Selection("xla", None, f"M={m} > {DECODE_MAX_M} and no tuned entry: XLA GEMM")
-        why = pallas_triton.check_config(x_shape, x_dtype, pw, cfg)
+        why = _check(x_shape, x_dtype, pw, cfg)
+        if why and isinstance(cfg, GemvConfig):  # e.g. f32 x: the byte kernel's default instead
+            cfg = tuning.default_config(m, pw.k, pw.n, pw.bits)
+            why = _check(x_shape, x_dtype, pw, cfg)
         if why:
             return Selection("xla", None, f"Triton kernel does not apply: {why}")
-        return Selection("triton", cfg, origin)
+        return Selection(_backend_of(cfg), cfg, origin)
     if platform == "tpu":
         from jaxpass.kernels_pallas.quantized_matmul import pallas_mosaic_tpu
         why = pallas_mosaic_tpu.check(x_shape, x_dtype, pw, config)
@@ -89,13 +93,29 @@ def select_implementation(x_shape, x_dtype, pw: PackedWeight, *, backend: str = 
     return Selection("xla", None, f"no Pallas kernel for platform {platform!r}")
 
 
-def _tuned_or_default(pw: PackedWeight, x_dtype, m: int):
+def _backend_of(cfg) -> str:
+    return "triton_gemv" if isinstance(cfg, GemvConfig) else "triton"
+
+
+def _check(x_shape, x_dtype, pw: PackedWeight, cfg) -> str | None:
+    from jaxpass.kernels_pallas.quantized_matmul import pallas_triton
+    if isinstance(cfg, GemvConfig):
+        return pallas_triton_gemv.check_config(x_shape, x_dtype, pw, cfg)
+    return pallas_triton.check_config(x_shape, x_dtype, pw, cfg)
+
+
+def _tuned_or_default(pw: PackedWeight, x_dtype, m: int, gemv_ok: bool = True):
     entry = tuning.lookup(pw.format, x_dtype, m, pw.k, pw.n)
     if entry is not None:
-        cfg = TritonConfig.from_dict(entry["config"]) if entry.get("config") else None
+        cfg = None
+        if entry.get("config"):
+            cls = GemvConfig if entry["backend"] == "triton_gemv" else TritonConfig
+            cfg = cls.from_dict(entry["config"])
         if cfg is None:
             cfg = tuning.default_config(m, pw.k, pw.n, pw.bits)
         return cfg, entry["backend"], f"tuned ({tuning.key(pw.format, x_dtype, m, pw.k, pw.n)})"
+    if gemv_ok and m <= tuning.GEMV_MAX_M and jnp.dtype(x_dtype).itemsize == 2:
+        return tuning.default_gemv_config(pw.n), None, "default config"
     return tuning.default_config(m, pw.k, pw.n, pw.bits), None, "default config"
 
 
@@ -124,6 +144,9 @@ def quantized_matmul(x: jax.Array, w: PackedWeight, *, backend: str = "auto", co
     if sel.backend == "triton":
         from jaxpass.kernels_pallas.quantized_matmul import pallas_triton
         return pallas_triton.quantized_matmul_triton(x, w, config=sel.config, interpret=interpret)
+    if sel.backend == "triton_gemv":
+        return pallas_triton_gemv.quantized_matmul_gemv(x, w, config=sel.config,
+                                                        interpret=interpret)
     from jaxpass.kernels_pallas.quantized_matmul import pallas_mosaic_tpu
     cfg = tuple(sorted(dict(sel.config).items())) if sel.config else None  # hashable (static)
     return pallas_mosaic_tpu.quantized_matmul_tpu(x, w, config=cfg, interpret=interpret)

@@ -56,3 +56,33 @@ class Int8Config:
 
     def short(self) -> str:
         return f"m{self.block_m}n{self.block_n}k{self.block_k}w{self.num_warps}p{self.num_stages}"
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvConfig:
+    """Tiling of the word GEMV kernel.
+
+    Attributes:
+      block_n: output channels per program.
+      block_words: 32-bit weight words of each channel per loop step (8 int4 / 4 int8 values each).
+      split_k: programs sharing a column block along K (partials added by XLA).
+      num_warps: Triton warps per program.
+      num_stages: >= 2 turns on the one-step manual prefetch.
+    """
+
+    block_n: int = 64
+    block_words: int = 32
+    split_k: int = 4
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GemvConfig":
+        return cls(**{f.name: int(d[f.name]) for f in dataclasses.fields(cls) if f.name in d})
+
+    def short(self) -> str:
+        return (f"gemv_n{self.block_n}w{self.block_words}s{self.split_k}"
+                f"w{self.num_warps}p{self.num_stages}")

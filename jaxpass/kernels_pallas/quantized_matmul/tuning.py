@@ -14,11 +14,12 @@ import os
 
 import numpy as np
 
-from jaxpass.kernels_pallas.quantized_matmul.config import TritonConfig
+from jaxpass.kernels_pallas.quantized_matmul.config import GemvConfig, TritonConfig
 
 TUNED_PATH = os.path.join(os.path.dirname(__file__), "tuned_configs.json")
 M_BUCKETS = (1, 16, 64, 128, 1024, 4096)
 NUM_SMS_H100 = 132
+GEMV_MAX_M = 1  # the word GEMV's cost grows with every row; at M = 4 the byte kernel wins (H100)
 
 
 def m_bucket(m: int) -> int:
@@ -73,6 +74,17 @@ def default_config(m: int, k: int, n: int, bits: int) -> TritonConfig:
         split //= 2
     return TritonConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=4,
                         num_stages=3)
+
+
+def default_gemv_config(n: int) -> GemvConfig:
+    """Word-GEMV config for an untuned single-row problem (H100 sweep, docs/bench_matmul.md).
+
+    64 channels x 16 words per step; K split until there are about 4 programs per SM.
+    """
+    bn, split = 64, 1
+    while split < 8 and pl_cdiv(n, bn) * split < 4 * NUM_SMS_H100:
+        split *= 2
+    return GemvConfig(block_n=bn, block_words=16, split_k=split, num_warps=4, num_stages=2)
 
 
 def pl_cdiv(a: int, b: int) -> int:
