@@ -83,7 +83,6 @@ def device_time_us(fn, args_list, calls: int = 40, warmup: int = 3, breakdown: b
 
 def copy_bandwidth() -> float:
     """Device-to-device copy bandwidth in bytes/s (read + write counted), 256 MiB f32 arrays."""
-    import jax
     import jax.numpy as jnp
     size = 2 ** 26
     arrs = [(jnp.full((size,), float(i), jnp.float32),) for i in range(4)]

@@ -30,42 +30,12 @@ import numpy as np
 
 import jax
 import jax.numpy as jnp
-import optax
-from rich.progress import track
 
 import jaxpass
+from finetune_common import batches, fine_tune  # noqa: E402  (scripts/)
 from jaxpass import evaluate, models, passes
 
 EMBED = r"\['embed'\]"
-
-
-def batches(ids: np.ndarray, batch: int, seq: int, steps: int, seed: int = 0):
-    """``steps`` batches of ``[batch, seq + 1]`` token windows drawn from ``ids``."""
-    rng = np.random.default_rng(seed)
-    starts = rng.integers(0, len(ids) - seq - 1, (steps, batch))
-    return [np.stack([ids[s:s + seq + 1] for s in row]).astype(np.int32) for row in starts]
-
-
-def fine_tune(t, data, lr: float, desc: str):
-    """AdamW with warmup + cosine decay on ``t.params``; returns the trained params and losses."""
-    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, len(data) // 10), len(data))
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.0))
-
-    def loss_fn(params, ids):
-        logits = t.apply(params, ids[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
-
-    @jax.jit
-    def step(params, state, ids):
-        loss, grads = jax.value_and_grad(loss_fn)(params, ids)
-        updates, state = opt.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, loss
-
-    params, state, losses = t.params, opt.init(t.params), []
-    for ids in track(data, description=desc):
-        params, state, loss = step(params, state, jnp.asarray(ids))
-        losses.append(float(loss))
-    return params, losses
 
 
 def main():

@@ -301,19 +301,22 @@ def _dot_output_spec(eqn, w_op, prov, wspec, batch, weight_only):
     x_free = [d for d in range(x_ndim) if d not in xc and d not in xb]
     w_free = [d for d in range(w_ndim) if d not in wc and d not in wb]
     x_entries = [(batch if d == 0 and batch else None) for d in x_free]
-    w_entries = []
-    for d in w_free:
-        axes = prov.axes[d] if d < len(prov.axes) else frozenset()
-        e = None
-        if len(axes) == 1:
-            (p,) = axes
-            keep = tuple(a for a in as_entries(wspec[p]) if a not in weight_only) if p < len(wspec) else ()
-            e = keep or None
-        w_entries.append(e)
+    w_entries = [_model_parallel_entry(d, prov, wspec, weight_only) for d in w_free]
     lhs_free, rhs_free = (x_entries, w_entries) if w_op == 1 else (w_entries, x_entries)
     out = [None] * len(lb) + lhs_free + rhs_free
     return tuple(None if not as_entries(e) else (e[0] if isinstance(e, tuple) and len(e) == 1 else e)
                  for e in out)
+
+
+def _model_parallel_entry(d, prov, wspec, weight_only):
+    """The mesh axes of operand axis ``d`` of a matmul on a sharded weight: those of the parameter
+    axis it comes from (``prov``), without the weight-only (FSDP) axes; None if unsharded."""
+    axes = prov.axes[d] if d < len(prov.axes) else frozenset()
+    if len(axes) != 1:
+        return None
+    (p,) = axes
+    keep = tuple(a for a in as_entries(wspec[p]) if a not in weight_only) if p < len(wspec) else ()
+    return keep or None
 
 
 def _splittable(spec, users, sizes):
@@ -344,15 +347,7 @@ def _dot_input_specs(eqn, w_op, prov, wspec, batch, weight_only):
     xc, wc = (lc, rc) if w_op == 1 else (rc, lc)
     w_ndim = len(eqn.invars[w_op].aval.shape)
     x_ndim = len(eqn.invars[1 - w_op].aval.shape)
-    w_spec = []
-    for d in range(w_ndim):
-        axes = prov.axes[d] if d < len(prov.axes) else frozenset()
-        e = None
-        if len(axes) == 1:
-            (p,) = axes
-            keep = tuple(a for a in as_entries(wspec[p]) if a not in weight_only) if p < len(wspec) else ()
-            e = keep or None
-        w_spec.append(e)
+    w_spec = [_model_parallel_entry(d, prov, wspec, weight_only) for d in range(w_ndim)]
     x_spec = [None] * x_ndim
     if x_ndim and 0 not in xc and 0 not in (lb if w_op == 1 else rb) and batch:
         x_spec[0] = batch
@@ -394,7 +389,6 @@ class _Annotate:
         # contracted axes (column-parallel layouts are kept).
         (lc, rc), _ = eqn.params["dimension_numbers"]
         invals[0] = self._constrain(invals[0], tuple(None if d in lc else e for d, e in enumerate(lhs_spec)))
-        w = eqn.params.get("weight_operand", 1)
         rest = invals[1:]
         qspec = tuple(None if d in rc else e for d, e in enumerate(rhs_spec))
         rest = [self._constrain(a, qspec) if a.ndim == len(qspec) else a for a in rest]

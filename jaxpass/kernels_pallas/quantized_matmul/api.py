@@ -45,8 +45,6 @@ def _platform() -> str:
 def select_implementation(x_shape, x_dtype, pw: PackedWeight, *, backend: str = "auto",
                           config=None, platform: str | None = None) -> Selection:
     """Chooses the implementation for ``x[x_shape] @ pw`` (see module docstring)."""
-    from jaxpass.kernels_pallas.quantized_matmul import pallas_triton  # local: keeps import light
-
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     x_dtype = jnp.dtype(x_dtype)

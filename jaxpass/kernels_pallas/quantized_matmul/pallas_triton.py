@@ -33,12 +33,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxpass.kernels_pallas.quantized_matmul import layout
+from jaxpass.kernels_pallas.quantized_matmul import layout, triton_common
 from jaxpass.kernels_pallas.quantized_matmul.config import Int8Config, TritonConfig
 from jaxpass.kernels_pallas.quantized_matmul.layout import PackedWeight
 
-_F32_MAGIC = 0x4B000000  # f32 bits of 2**23: OR-ing an integer c < 2**23 into it gives 2**23 + c
-_BF16_MAGIC = 0x4300     # bf16 bits of 128.0: OR-ing c < 128 into it gives 128 + c
+_F32_MAGIC = triton_common.F32_MAGIC
+_BF16_MAGIC = triton_common.BF16_MAGIC
 
 
 def _is_pow2(v: int) -> bool:
@@ -99,15 +99,10 @@ def _dequant_int4(w_u8, x_dtype):
 def _dequant_int8(w_i8, x_dtype):
     """The ``[bn, sub]`` tile of exact int8 values q (|q| <= 128 is exact in bf16)."""
     u = lax.bitcast_convert_type(w_i8, jnp.uint8).astype(jnp.uint32)
-    f = lax.bitcast_convert_type(u ^ (_F32_MAGIC | 0x80), jnp.float32)  # 2**23 + (q + 128)
-    return (f - jnp.float32(2.0 ** 23 + 128.0)).astype(x_dtype)
+    return triton_common.int8_as_f32(u).astype(x_dtype)
 
 
-def _unpack_pairs(xw, x_dtype):
-    """u32 words holding two 16-bit activations (even k low) -> (even, odd) in ``x_dtype``."""
-    xe = lax.bitcast_convert_type((xw & 0xFFFF).astype(jnp.uint16), x_dtype)
-    xo = lax.bitcast_convert_type((xw >> 16).astype(jnp.uint16), x_dtype)
-    return xe, xo
+_unpack_pairs = triton_common.split_pairs
 
 
 def _codes_f32_int4(w_u8):
@@ -224,14 +219,7 @@ def _qmm_kernel(x_ref, w_ref, s_ref, *refs, bits, m, n, k, group_size, num_group
             return acc
 
         acc0 = tuple(jnp.zeros((bn,), jnp.float32) for _ in range(bm))
-        if prefetch:
-            def gemv_body(i, carry):
-                acc, data = carry
-                nxt = gemv_load(jnp.minimum(i + 1, steps - 1))
-                return gemv_compute(data, acc), nxt
-            acc, _ = lax.fori_loop(0, steps, gemv_body, (acc0, gemv_load(0)))
-        else:
-            acc = lax.fori_loop(0, steps, lambda i, a: gemv_compute(gemv_load(i), a), acc0)
+        acc = triton_common.prefetched_loop(steps, gemv_load, gemv_compute, acc0, prefetch)
         for r in range(bm):
             mask = n_ok & (m0 + r < m)
             if split > 1:
@@ -283,14 +271,8 @@ def quantized_matmul_triton(x: jax.Array, pw: PackedWeight, *, config: TritonCon
     ``config`` must pass :func:`check_config` (``api`` checks before calling); raises ValueError
     otherwise. ``config.block_m < 16`` selects the GEMV variant (rows reduced on the CUDA cores).
     """
-    if x.shape[-1] != pw.k:
-        raise ValueError(f"x: last dimension {x.shape[-1]} does not match the weight's K={pw.k}")
     why = check_config(x.shape, x.dtype, pw, config)
-    if why:
-        raise ValueError(f"config {config}: {why}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, pw.k)
-    m = x2.shape[0]
+    lead, x2, m = triton_common.rows_of(x, pw, why and f"config {config}: {why}")
     cfg = config
     kp = pw.k // 2 if pw.bits == 4 else pw.k
     total_steps = pl.cdiv(kp, cfg.block_k)

@@ -9,8 +9,7 @@ tensor cores. The general kernel works on bytes and reduces across its tile at e
   int8 values per word, value ``t`` of a word in bits ``[bits * t, bits * (t + 1))``, which is
   exactly the byte layout of ``layout.py`` read little-endian, so no repacking is needed), so
   every load instruction moves 16 bytes and one shift + mask extracts a value;
-* turns a code into a float without int->float instructions: the code OR-ed into the mantissa
-  of f32 2**23 is ``2**23 + code``; one subtraction (of ``2**23 + bias``) gives the exact value;
+* turns a code into a float without int->float instructions (``triton_common``);
 * accumulates elementwise into a ``[block_n, block_words]`` f32 tile and reduces across the
   tile once, after the K loop (the byte kernel reduced at every step);
 * applies scales (and zero points) per word, not per value: the 4 or 8 values of a word share
@@ -33,12 +32,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxpass.kernels_pallas.quantized_matmul import layout
+from jaxpass.kernels_pallas.quantized_matmul import layout, triton_common
 from jaxpass.kernels_pallas.quantized_matmul.config import GemvConfig
 from jaxpass.kernels_pallas.quantized_matmul.layout import PackedWeight
 
 MAX_ROWS = 8
-_F32_MAGIC = 0x4B000000  # f32 bits of 2**23
 
 
 def _is_pow2(v: int) -> bool:
@@ -75,18 +73,7 @@ def check_config(x_shape, x_dtype, pw: PackedWeight, cfg: GemvConfig) -> str | N
 def _decode(words, t, bits, sub):
     """Value ``t`` of every word as an exact f32 (``code - sub`` for int4, ``q`` for int8)."""
     c = words >> (bits * t) if t else words
-    if bits == 8:
-        c = (c & 0xFF) ^ 0x80  # two's complement byte -> q + 128
-    else:
-        c = c & 0xF
-    return lax.bitcast_convert_type(c | _F32_MAGIC, jnp.float32) - jnp.float32(2.0 ** 23 + sub)
-
-
-def _split_pair(xw, x_dtype):
-    """u32 words of two 16-bit activations -> (even, odd) as f32."""
-    lo = lax.bitcast_convert_type((xw & 0xFFFF).astype(jnp.uint16), x_dtype)
-    hi = lax.bitcast_convert_type((xw >> 16).astype(jnp.uint16), x_dtype)
-    return lo.astype(jnp.float32), hi.astype(jnp.float32)
+    return triton_common.int8_as_f32(c) if bits == 8 else triton_common.code_as_f32(c & 0xF, sub)
 
 
 def _gemv_kernel(x_ref, w_ref, s_ref, *refs, m, n, kw, bits, sub, gwords, num_groups, has_zeros,
@@ -130,7 +117,7 @@ def _gemv_kernel(x_ref, w_ref, s_ref, *refs, m, n, kw, bits, sub, gwords, num_gr
             for p in range(pairs):
                 xw = plgpu.load(x_ref.at[jnp.asarray(r, jnp.int32), pairs * cols + p], mask=k_ok if mask_k else None,
                                 other=0 if mask_k else None)
-                xr.extend(_split_pair(xw, x_dtype))
+                xr.extend(v.astype(jnp.float32) for v in triton_common.split_pairs(xw, x_dtype))
             xs.append(tuple(xr))
         return w, s, z, tuple(xs)
 
@@ -152,14 +139,7 @@ def _gemv_kernel(x_ref, w_ref, s_ref, *refs, m, n, kw, bits, sub, gwords, num_gr
         return tuple(out)
 
     acc0 = tuple(jnp.zeros((bn, bw), jnp.float32) for _ in range(m))
-    if prefetch:
-        def body(i, carry):
-            accs, data = carry
-            nxt = load(jnp.minimum(i + 1, steps - 1))
-            return compute(data, accs), nxt
-        accs, _ = lax.fori_loop(0, steps, body, (acc0, load(0)))
-    else:
-        accs = lax.fori_loop(0, steps, lambda i, a: compute(load(i), a), acc0)
+    accs = triton_common.prefetched_loop(steps, load, compute, acc0, prefetch)
     for r in range(m):
         y = jnp.sum(accs[r], axis=1)
         r = jnp.asarray(r, jnp.int32)  # a shaped index (the interpreter's discharge needs one)
@@ -184,14 +164,8 @@ def quantized_matmul_gemv(x: jax.Array, pw: PackedWeight, *, config: GemvConfig 
     ``words``: ``as_words(pw)`` computed once beforehand (optional; computed here otherwise).
     Raises ValueError when :func:`check_config` rejects the problem.
     """
-    if x.shape[-1] != pw.k:
-        raise ValueError(f"x: last dimension {x.shape[-1]} does not match the weight's K={pw.k}")
     why = check_config(x.shape, x.dtype, pw, config)
-    if why:
-        raise ValueError(f"config {config}: {why}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, pw.k)
-    m = x2.shape[0]
+    lead, x2, m = triton_common.rows_of(x, pw, why and f"config {config}: {why}")
     vpw = values_per_word(pw)
     kw = pw.k // vpw
     cfg = config

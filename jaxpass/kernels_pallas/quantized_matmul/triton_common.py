@@ -1,0 +1,62 @@
+"""Pieces shared by the Pallas Triton weight-only kernels (``pallas_triton``, ``pallas_triton_gemv``).
+
+* Integer codes become floats without int->float instructions (slow on GPUs): a code ``c``
+  OR-ed into the mantissa of f32 2**23 (bits ``F32_MAGIC``) *is* the f32 ``2**23 + c``, one
+  subtraction from the value; for bf16, OR-ed into 128.0 (bits ``BF16_MAGIC``) it is ``128 + c``.
+* Activations travel as u32 words holding two 16-bit values (a free bitcast outside the kernel),
+  so int4 kernels read them contiguously and split them with two integer ops.
+* The decode kernels are bound by memory latency: ``prefetched_loop`` issues the loads of step
+  ``i + 1`` before the arithmetic of step ``i``, doubling the bytes each program has in flight.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+F32_MAGIC = 0x4B000000  # f32 bits of 2**23: OR-ing an integer c < 2**23 into it gives 2**23 + c
+BF16_MAGIC = 0x4300     # bf16 bits of 128.0: OR-ing c < 128 into it gives 128 + c
+
+
+def int8_as_f32(u32_bytes):
+    """u32 holding a two's-complement byte (low 8 bits) -> the exact f32 of that int8 value."""
+    f = lax.bitcast_convert_type((u32_bytes & 0xFF) ^ (F32_MAGIC | 0x80), jnp.float32)
+    return f - jnp.float32(2.0 ** 23 + 128.0)  # 2**23 + (q + 128) - (2**23 + 128)
+
+
+def code_as_f32(u32_code, offset: float):
+    """u32 holding a small unsigned code (< 2**23) -> the exact f32 ``code - offset``."""
+    return lax.bitcast_convert_type(u32_code | F32_MAGIC, jnp.float32) - jnp.float32(2.0 ** 23 + offset)
+
+
+def split_pairs(xw, x_dtype):
+    """u32 words holding two 16-bit activations (even k low) -> (even, odd) in ``x_dtype``."""
+    lo = lax.bitcast_convert_type((xw & 0xFFFF).astype(jnp.uint16), x_dtype)
+    hi = lax.bitcast_convert_type((xw >> 16).astype(jnp.uint16), x_dtype)
+    return lo, hi
+
+
+def prefetched_loop(steps, load, compute, acc0, prefetch: bool):
+    """``acc = compute(load(i), acc)`` for i < steps; with ``prefetch``, load i + 1 before
+    computing i (the last step re-loads itself rather than reading past the end)."""
+    if not prefetch:
+        return lax.fori_loop(0, steps, lambda i, a: compute(load(i), a), acc0)
+
+    def body(i, carry):
+        acc, data = carry
+        nxt = load(jnp.minimum(i + 1, steps - 1))
+        return compute(data, acc), nxt
+
+    acc, _ = lax.fori_loop(0, steps, body, (acc0, load(0)))
+    return acc
+
+
+def rows_of(x, pw, why: str | None):
+    """Checks ``x[..., K]`` against the weight (and a config check's verdict ``why``) and
+    returns ``(leading shape, x as [M, K], M)``; raises ValueError naming the problem."""
+    if x.shape[-1] != pw.k:
+        raise ValueError(f"x: last dimension {x.shape[-1]} does not match the weight's K={pw.k}")
+    if why:
+        raise ValueError(why)
+    x2 = x.reshape(-1, pw.k)
+    return x.shape[:-1], x2, x2.shape[0]
