@@ -52,7 +52,9 @@ class CompressKV:
         layer (mean ``budget``, last layer ``budget / beta``).
       - ``"think"``: ThinK, query-driven key-channel pruning: each KV head stores only the
         ``channels`` fraction of key channels with the largest ``|q_c| |k_c|`` over the
-        observation window (chosen on the layer's first chunk), and queries are gathered to them.
+        observation window (chosen on the layer's first chunk), and queries are gathered to them
+        to read the stored keys (a step's own new tokens are read on all channels, as ThinK's
+        prefill attends with whole keys before pruning the cache).
         With ``budget`` it also evicts like SnapKV.
 
     Args:
@@ -60,6 +62,15 @@ class CompressKV:
         (``max_len`` of ``init_cache``). Required by the eviction methods (optional for think).
       include / exclude: regular expressions on cache layer names ``layers[i]``: layers not
         selected keep the model's dense cache.
+      full_precision_sinks: quantizing methods only (int8, fp8, kivi, mustafar): the first
+        this-many tokens of each sequence are also stored at full precision and attention reads
+        them from there (attention sinks, as KVQuant and IntactKV keep them). Default 0, the
+        methods as published. Why: the first tokens are attention sinks (StreamingLLM):
+        every query reads them, so their quantization error reaches every output: on SmolLM2-135M, KIVI-2's
+        perplexity loss goes from +27% to about +9% with 4 sinks (docs/kv_cache.md). Costs
+        ``2 * S * d`` model-dtype values per layer and KV head, and decode steps then use the
+        dequantizing XLA path instead of the decode-attention kernel (whose formats have no
+        sink rows).
     """
 
     method: str = "int8"
@@ -77,6 +88,7 @@ class CompressKV:
     use_kernel: bool = True
     include: str | Sequence[str] | None = None
     exclude: str | Sequence[str] | None = None
+    full_precision_sinks: int = 0
 
     order: ClassVar[int] = ORDER_KV
 
@@ -114,24 +126,33 @@ class CompressKV:
                             "channels must be in (0, 1]")
         if self.method == "mustafar" and not 0.0 <= self.sparsity < 1.0:
             raise PassError(f"CompressKV(sparsity={self.sparsity!r}): must be in [0, 1)")
+        fps = self.full_precision_sinks
+        if isinstance(fps, bool) or not isinstance(fps, int) or fps < 0:
+            raise PassError(f"CompressKV(full_precision_sinks={fps!r}): use an int >= 0 (how "
+                            "many first tokens are kept at full precision)")
+        if fps and self.method not in QUANT_METHODS:
+            raise PassError(f"CompressKV(method={self.method!r}, full_precision_sinks={fps}): "
+                            f"full-precision sinks apply to the quantizing methods "
+                            f"{QUANT_METHODS}; StreamingLLM keeps its sinks with sinks=")
         if self.window is not None and self.window < 0:
             raise PassError(f"CompressKV(window={self.window!r}) must be >= 0")
 
     # -- the policy -------------------------------------------------------------------------
     def policy(self):
         m = self.method
+        sk = self.full_precision_sinks
         if m == "int8":
-            return QuantPolicy("int8", "int8", (), self.use_kernel)
+            return QuantPolicy("int8", "int8", (), self.use_kernel, sk)
         if m == "fp8":
-            return QuantPolicy("fp8", "fp8", (), self.use_kernel)
+            return QuantPolicy("fp8", "fp8", (), self.use_kernel, sk)
         if m == "kivi":
             opts = dict(bits=self.bits, group_size=self.group_size,
                         v_group_size=self.v_group_size, residual=self.residual)
             return QuantPolicy(f"kivi{self.bits}", "kivi", tuple(sorted(opts.items())),
-                               self.use_kernel)
+                               self.use_kernel, sk)
         if m == "mustafar":
             return QuantPolicy("mustafar", "sparse", (("sparsity", self.sparsity),),
-                               self.use_kernel)
+                               self.use_kernel, sk)
         name = "snapkv" if (m == "think" and self.budget is not None) else m
         return EvictPolicy(name, self.budget, self.window, self.sinks, self.pool, self.beta,
                            self.channels if m == "think" else None)
@@ -139,7 +160,9 @@ class CompressKV:
     def _config(self) -> str:
         keys = ["method"]
         if self.method == "kivi":
-            keys += ["bits", "residual", "group_size"]
+            keys += ["bits", "residual", "group_size", "v_group_size"]
+        if self.full_precision_sinks:
+            keys.append("full_precision_sinks")
         if self.budget is not None:
             keys.append("budget")
         if self.method in ("h2o", "snapkv", "pyramidkv", "think") and self.window is not None:
@@ -178,6 +201,10 @@ class CompressKV:
             report.notes.append("the cache-free forward attends over K/V stored in the "
                                 f"{policy.name} format (the prompt as the compressed cache would "
                                 "hold it)")
+            if policy.sinks:
+                report.notes.append(f"the first {policy.sinks} tokens are kept and read at full "
+                                    "precision (full_precision_sinks); decode steps use the "
+                                    "dequantizing XLA attention, not the decode kernel")
         else:
             report.notes.append(f"{policy.name}: the cache-free forward is unchanged (eviction "
                                 "applies to the cache, after each prefill chunk / decode step)")
@@ -219,7 +246,7 @@ def _causal_rule(policy):
         t = k.shape[1]
         cache = policy.from_dense(jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))
         lengths = jnp.full((k.shape[0],), t, jnp.int32)
-        kd, vd = cache.dequantize(lengths)
+        kd, vd = policy.dequantize(cache, lengths)
         kd = jnp.swapaxes(kd[:, :, :t], 1, 2).astype(k.dtype)
         vd = jnp.swapaxes(vd[:, :, :t], 1, 2).astype(v.dtype)
         ctx.record("rewrite", eqn, "", f"K/V through the {policy.name} format")
