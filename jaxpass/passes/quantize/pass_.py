@@ -19,6 +19,7 @@ from jaxpass.core.interpreter import Rules
 from jaxpass.core.pass_api import ORDER_QUANTIZE, PassError, PassResult
 from jaxpass.core.patterns import PathRule, opaque_uses, param_dots
 from jaxpass.core.report import PassReport
+from jaxpass.passes.quantize.clip import search_clip
 from jaxpass.passes.quantize.matmul import dot_general_rule
 from jaxpass.passes.quantize.qarray import FORMATS, STORAGE_BITS, quantize
 from jaxpass.passes.quantize.qat import fake_dot_general_rule, make_fake_quantized
@@ -47,6 +48,10 @@ class Quantize:
         "int3" (in a 4-bit container) or "int2" (four per byte); asymmetric is the usual choice
         below 4 bits (symmetric int2 is ternary).
       group_size: None (per output channel) or the group length along the contracting axis.
+      ragged_groups: accept a ``group_size`` that does not divide the contracting axis: the last
+        group is shorter (e.g. 576 = 4 x 128 + 64); scales are stored at the granularity
+        ``gcd(n, group_size)`` (see ``qarray.quantize``). Off by default: such a group size is
+        refused, never silently changed.
       symmetric: symmetric (no zero point); ``False`` stores zero points (int8/int4 only).
       activations: None (weight-only), "int8" or "fp8": dynamic per-token quantization of the
         matmul input (W8A8 / FP8 products); needs per-channel symmetric int8 / fp8 weights.
@@ -56,6 +61,16 @@ class Quantize:
       method: "rtn" (round to nearest), "gptq" (int8/int4), "awq" (2-D weights) or
         "smoothquant" (with ``activations``; strength ``alpha``); all but rtn need
         ``calibration_data``.
+      clip_search: search each scale's range (per output channel and group, shrink ratios 1.0
+        .. 0.55; :mod:`~jaxpass.passes.quantize.clip`). With "rtn"/"gptq" the criterion is the
+        weight's squared error (MSE-optimal scales; GPTQ then uses them as its static groups);
+        with "awq" it is the partial output error on calibration inputs (llm-awq's
+        ``auto_clip``). ``None`` (default): on for "awq" (as in the paper), off otherwise.
+      alpha: SmoothQuant migration strength in [0, 1], or "auto": per weight, the alpha of
+        0.3 .. 0.9 (step 0.05) whose W8A8 output error on the calibration activations is lowest.
+      smooth_gptq: with "smoothquant": quantize the smoothed weights with GPTQ (Hessian of the
+        smoothed activations) instead of round-to-nearest, as llm-compressor's W8A8 recipe
+        (SmoothQuant, then GPTQ) does.
       include / exclude: regular expressions on parameter paths (``jax.tree_util.keystr``).
       allow_unmatched: do not raise when an ``include`` pattern matches no weight.
       outliers: dense-and-sparse quantization (SpQR / SqueezeLLM style): this fraction of each
@@ -74,9 +89,12 @@ class Quantize:
     allow_unmatched: bool = False
     act_order: bool = True         # GPTQ: visit input rows by decreasing Hessian diagonal
     damp: float = 0.01             # GPTQ: damping, as a fraction of the mean Hessian diagonal
-    alpha: float = 0.5             # SmoothQuant: migration strength
+    alpha: float | str = 0.5       # SmoothQuant: migration strength, or "auto" (searched per weight)
     outliers: float = 0.0          # fraction of each output channel kept exact (dense-and-sparse)
     activation_scales: str = "dynamic"   # with activations: "dynamic" (per token) or "static"
+    clip_search: bool | None = None      # range search per scale (None: on for awq only)
+    ragged_groups: bool = False          # allow a group size that does not divide the axis
+    smooth_gptq: bool = False            # SmoothQuant: GPTQ (not RTN) for the smoothed weights
 
     order: ClassVar[int] = ORDER_QUANTIZE
 
@@ -120,6 +138,15 @@ class Quantize:
             raise PassError(f"Quantize(outliers={self.outliers}): dense-and-sparse outliers work with "
                             "weight-only quantization and method 'rtn' or 'gptq'; got "
                             f"activations={self.activations!r}, method={self.method!r}")
+        if self.clip_search and (self.activations is not None or self.method == "smoothquant"):
+            raise PassError("Quantize(clip_search=True) applies to weight-only quantization "
+                            "(method 'rtn', 'gptq' or 'awq'); W8A8 weights keep their full range")
+        if not (self.alpha == "auto" or (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0)):
+            raise PassError(f"Quantize(alpha={self.alpha!r}): SmoothQuant's migration strength is a "
+                            "number in [0, 1] (0.5 is the paper's default) or 'auto'")
+        if self.smooth_gptq and self.method != "smoothquant":
+            raise PassError(f"Quantize(smooth_gptq=True) refines SmoothQuant's weights; it needs "
+                            f"method='smoothquant' (got {self.method!r}; use method='gptq' alone)")
         if self.method == "gptq" and self.weights not in ("int8", "int4", "int3", "int2"):
             raise PassError(f"Quantize(method='gptq'): GPTQ applies to integer formats, not {self.weights!r}")
 
@@ -127,6 +154,8 @@ class Quantize:
         gran = "per-channel" if self.group_size is None else f"group_size={self.group_size}"
         parts = [f"weights={self.weights!r}", gran, "symmetric" if self.symmetric else "asymmetric",
                  f"method={self.method!r}"]
+        if self._clip_by_weight_error():
+            parts.append("clip_search")
         rule = PathRule(self.include, self.exclude)
         return ", ".join(parts + [rule.describe()])
 
@@ -196,10 +225,15 @@ class Quantize:
                 continue
             replacements[path] = _make(leaf, tuple(sorted(reduce_axes)), path, self.weights,
                                        self.group_size, self.symmetric,
-                                       self._outlier_count(path, leaf, reduce_axes))
+                                       self._outlier_count(path, leaf, reduce_axes),
+                                       clip=self._clip_by_weight_error())
 
         if not replacements:
             raise PassError(self._nothing_matched(program, rule, uses_by_param))
+        if self._clip_by_weight_error() and not training:
+            grid = "1.0..0.81 (step 0.01)" if self.weights in ("int8", "fp8") else "1.0..0.55 (step 0.05)"
+            report.notes.append(f"clip_search: each scale's range shrunk by the ratio in {grid} "
+                                "with the lowest squared weight error")
         if training:
             rule = functools.partial(fake_dot_general_rule, activations=self.activations)
             rules = Rules({"dot_general": rule}, structured_only=frozenset({"dot_general"}))
@@ -217,6 +251,11 @@ class Quantize:
         rule = functools.partial(dot_general_rule, activations=self.activations)
         rules = Rules({"dot_general": rule}, structured_only=frozenset({"dot_general"}))
         return PassResult(replacements, rules, report, tolerance=5e-2)
+
+    def _clip_by_weight_error(self) -> bool:
+        """Clip search on the weight error (rtn/gptq with clip_search=True); AWQ clips on its own
+        calibration criterion instead."""
+        return bool(self.clip_search) and self.method in ("rtn", "gptq")
 
     def _single_axis_targets(self, rtn, uses_by_param, report, method, ndim=None) -> dict:
         targets = {}
@@ -248,11 +287,15 @@ class Quantize:
             return rtn
         stats: dict = {}
         max_rows = 512
+        data = program.calibration_data
+        n_calib = max(1, len(data)) if hasattr(data, "__len__") else 16
 
         def on_rows(prov, x, it):
+            # A strided subsample of every calibration sequence (as llm-awq samples tokens
+            # across the batch), not only the first sequence's leading tokens.
             abs_sum, n, rows = stats.get(prov.param, (0.0, 0, []))
-            if sum(r.shape[0] for r in rows) < max_rows:
-                rows = rows + [x[: max_rows]]
+            step = max(1, -(-x.shape[0] * n_calib // max_rows))
+            rows = rows + [x[::step]]
             stats[prov.param] = (abs_sum + jnp.sum(jnp.abs(x), 0), n + x.shape[0], rows)
 
         n = collect_matmul_inputs(program, targets, on_rows, progress="AWQ: calibration")
@@ -265,32 +308,59 @@ class Quantize:
             out[path], alpha = awq_quantize(program.param(path), jnp.concatenate(rows)[:max_rows],
                                             abs_sum / cnt, k_axis, fmt=self.weights,
                                             group_size=self.group_size, symmetric=self.symmetric,
-                                            source=path)
+                                            source=path, clip=self.clip_search is not False)
             alphas.append(alpha)
+        report.notes.append(f"AWQ: clip search {'on' if self.clip_search is not False else 'off'}")
         report.notes.append(f"AWQ: {n} calibration samples; alpha per weight: mean "
                             f"{np.mean(alphas):.2f}, range [{min(alphas):.2f}, {max(alphas):.2f}]"
                             if alphas else "AWQ: no weight calibrated")
         return out
 
     def _smoothquant(self, program, rtn: dict, uses_by_param, report) -> dict:
-        from jaxpass.passes.quantize.smoothquant import smooth_quantize
+        from jaxpass.passes.quantize.smoothquant import search_alpha, smooth_quantize
 
         targets = self._calibrated_targets(program, rtn, uses_by_param, report, "SmoothQuant", ndim=2)
         if targets is None:
             return rtn
         amax: dict = {}
+        rows: dict = {}
+        hess: dict = {}
+        auto = self.alpha == "auto"
+        data = program.calibration_data
+        n_calib = max(1, len(data)) if hasattr(data, "__len__") else 16
 
         def on_rows(prov, x, it):
             m = jnp.max(jnp.abs(x), 0)
             amax[prov.param] = m if prov.param not in amax else jnp.maximum(amax[prov.param], m)
+            if auto:   # a strided subsample of every sequence, ~512 rows in all
+                rows.setdefault(prov.param, []).append(x[::max(1, -(-x.shape[0] * n_calib // 512))])
+            if self.smooth_gptq:
+                h, c = hess.get(prov.param, (0.0, 0))
+                hess[prov.param] = (h + x.T @ x, c + x.shape[0])
 
         n = collect_matmul_inputs(program, targets, on_rows, progress="SmoothQuant: calibration")
         out = dict(rtn)
+        alphas = []
         for path, k_axis in targets.items():
             if path in amax:
-                out[path] = smooth_quantize(program.param(path), amax[path], k_axis, alpha=self.alpha,
+                alpha = self.alpha
+                if auto:
+                    alpha = search_alpha(program.param(path), jnp.concatenate(rows[path]), amax[path],
+                                         k_axis, fmt=self.weights, activations=self.activations)
+                    alphas.append(alpha)
+                out[path] = smooth_quantize(program.param(path), amax[path], k_axis, alpha=alpha,
                                             fmt=self.weights, source=path)
-        report.notes.append(f"SmoothQuant: alpha={self.alpha}, activation maxima from {n} samples")
+                if self.smooth_gptq:
+                    out[path] = _smoothed_gptq(program.param(path), out[path], hess[path], k_axis,
+                                               self.act_order, self.damp)
+        if self.smooth_gptq:
+            report.notes.append("SmoothQuant: smoothed weights quantized with GPTQ (Hessians of the "
+                                "smoothed activations x / s)")
+        if auto and alphas:
+            report.notes.append(f"SmoothQuant: alpha searched per weight on {n} samples: mean "
+                                f"{np.mean(alphas):.2f}, range [{min(alphas):.2f}, {max(alphas):.2f}]")
+        else:
+            report.notes.append(f"SmoothQuant: alpha={self.alpha}, activation maxima from {n} samples")
         return out
 
     def _static_activation_scales(self, program, qs: dict, uses_by_param, report) -> dict:
@@ -364,11 +434,12 @@ class Quantize:
                                 f"axes {list(reduce_axes)} of shape {tuple(leaf.shape)}; groups need "
                                 "one contracting axis (exclude it, or use group_size=None)")
             n = leaf.shape[reduce_axes[0]]
-            if n % self.group_size:
+            if n % self.group_size and not self.ragged_groups:
                 ok = [g for g in (32, 64, 128, 256) if n % g == 0]
                 raise PassError(f"Quantize(group_size={self.group_size}): {path} has contracting "
                                 f"dimension {n} (axis {reduce_axes[0]} of {tuple(leaf.shape)}), not "
-                                f"divisible by {self.group_size}; group sizes that divide it: {ok}")
+                                f"divisible by {self.group_size}; group sizes that divide it: {ok}, "
+                                "or pass ragged_groups=True for a shorter last group")
         per = 8 // STORAGE_BITS.get(self.weights, 8)
         if per > 1 and leaf.shape[reduce_axes[0]] % per:
             what = "an odd" if per == 2 else f"a non-multiple-of-{per}"
@@ -404,6 +475,22 @@ class Quantize:
                 f"{sorted(uses_by_param)[:6]}; pass allow_unmatched=True to accept this")
 
 
+def _smoothed_gptq(w, q, hess_count, k_axis, act_order, damp):
+    """GPTQ codes for the smoothed weight ``w * s`` (``q.in_scale`` is ``1 / s``): the matmul sees
+    ``x / s``, whose Hessian is ``diag(1/s) H diag(1/s)``."""
+    import dataclasses as dc
+
+    from jaxpass.passes.quantize.gptq import gptq_quantize
+
+    h, cnt = hess_count
+    inv = q.in_scale.reshape(-1)
+    h_s = (h / max(cnt, 1)) * inv[:, None] * inv[None, :]
+    smoothed = jnp.asarray(w, jnp.float32) / q.in_scale
+    plain = dc.replace(q, in_scale=None)
+    return dc.replace(gptq_quantize(smoothed, {(): h_s}, plain, k_axis, act_order=act_order,
+                                    damp=damp), in_scale=q.in_scale)
+
+
 def _check_finite(path, leaf) -> None:
     if isinstance(leaf, jax.ShapeDtypeStruct):
         return
@@ -426,10 +513,14 @@ def _abstract(shape, dtype, reduce_axes, fmt, group_size, symmetric, source, out
                           jax.ShapeDtypeStruct(shape, dtype))
 
 
-def _make(leaf, reduce_axes, path, fmt, group_size, symmetric, outliers=0):
+def _make(leaf, reduce_axes, path, fmt, group_size, symmetric, outliers=0, clip=False):
     if isinstance(leaf, jax.ShapeDtypeStruct):
         return _abstract(tuple(leaf.shape), jnp.dtype(leaf.dtype), reduce_axes, fmt, group_size,
                          symmetric, path, outliers)
+    ratios = None
+    if clip:
+        ratios = search_clip(leaf, reduce_axes=reduce_axes, fmt=fmt, group_size=group_size,
+                             symmetric=symmetric, outliers=outliers)
     q = _quantize_jit(leaf, reduce_axes, fmt=fmt, group_size=group_size, symmetric=symmetric,
-                      outliers=outliers)
+                      outliers=outliers, clip=ratios)
     return dataclasses.replace(q, source=path)

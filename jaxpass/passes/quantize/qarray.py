@@ -43,6 +43,7 @@ derived from shapes, never stored, so no metadata goes stale.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 import numpy as np
@@ -370,41 +371,57 @@ def _grouped(w, axis, group_size):
 # --------------------------------------------------------------------------------------------
 
 def quantize(w, reduce_axes: Sequence[int], *, fmt: str = "int8", group_size: int | None = None,
-             symmetric: bool = True, source: str = "", outliers: int = 0) -> QArray:
+             symmetric: bool = True, source: str = "", outliers: int = 0, clip=None) -> QArray:
     """Round-to-nearest quantization of ``w`` with scales shared over ``reduce_axes``.
 
     With ``group_size``, ``reduce_axes`` must be one axis (the contracting axis); scales are then
-    per contiguous group of ``group_size`` along it. Formats: ``int8``, ``int4`` (packed along the
-    first reduced axis), ``nf4`` (absmax per block, packed), ``fp8`` (e4m3, absmax / 448).
+    per contiguous group of ``group_size`` along it. A group size that does not divide the axis
+    gives a *ragged last group* (``n % group_size`` elements): the quantization grid is exactly
+    that of groups ``[0, g), [g, 2g), ..., [n - n % g, n)``, and the scales are stored at the
+    granularity ``d = gcd(n, group_size)`` (each group's scale repeated ``group_size / d`` times),
+    so the layout stays "one scale per contiguous block of equal size" and everything downstream
+    (matmul, GPTQ, layout ops, save/load) is unchanged; it costs ``group_size / d`` times the
+    scale memory of a dividing group size. Formats: ``int8``, ``int4`` (packed along the first
+    reduced axis), ``nf4`` (absmax per block, packed), ``fp8`` (e4m3, absmax / 448).
     Each dequantized element is within half a quantization step of the original (int formats).
     ``outliers``: per output channel, that many largest-magnitude weights along the (single)
     reduced axis are kept exactly beside the codes and left out of the scales.
+    ``clip``: range shrink ratios in (0, 1], a scalar or an array of the scale's shape: the range
+    each scale covers is ``clip * max|w|`` (symmetric, nf4, fp8) or ``clip * [min, max]``
+    (asymmetric); weights outside it saturate. :mod:`~jaxpass.passes.quantize.clip` searches them.
     """
     reduce_axes = tuple(sorted(a % w.ndim for a in reduce_axes))
     if outliers:
         (axis,) = reduce_axes
         dense, idx, vals = split_outliers(jnp.asarray(w, jnp.float32), axis, outliers)
         q = quantize(dense, reduce_axes, fmt=fmt,
-                     group_size=group_size, symmetric=symmetric, source=source)
+                     group_size=group_size, symmetric=symmetric, source=source, clip=clip)
         return dataclasses.replace(q, dtype=jnp.dtype(w.dtype), outlier_idx=idx,
                                    outlier_val=vals.astype(jnp.float16))
     w32 = jnp.asarray(w, jnp.float32)
+    clip = None if clip is None else jnp.asarray(clip, jnp.float32)
+    if group_size is not None and w.shape[reduce_axes[0]] % group_size:
+        return _quantize_ragged(w32, reduce_axes[0], fmt, group_size, symmetric, source, clip,
+                                jnp.dtype(w.dtype))
     if group_size is not None:
         (axis,) = reduce_axes
         g, red = _grouped(w32, axis, group_size)
-        q = quantize(g, (red,), fmt=fmt, group_size=None, symmetric=symmetric, source=source)
+        gclip = clip if clip is None or clip.ndim == 0 else jnp.expand_dims(clip, axis + 1)
+        q = quantize(g, (red,), fmt=fmt, group_size=None, symmetric=symmetric, source=source,
+                     clip=gclip)
         codes = q.codes().reshape(w.shape)
         scale = q.scale.reshape(q.scale.shape[:axis] + (-1,) + q.scale.shape[axis + 2:])
         zero = None if q.zero is None else q.zero.reshape(scale.shape)
         out = QArray(codes, scale, zero, jnp.dtype(w.dtype), fmt, None, source)
         return _pack(out, axis) if fmt in STORAGE_BITS else out
+    shrink = 1.0 if clip is None else clip
     if fmt == "fp8":
-        amax = jnp.max(jnp.abs(w32), axis=reduce_axes, keepdims=True)
+        amax = jnp.max(jnp.abs(w32), axis=reduce_axes, keepdims=True) * shrink
         scale = jnp.where(amax > 0, amax / FP8_E4M3_MAX, 1.0)
-        q = (w32 / scale).astype(jnp.float8_e4m3fn)
+        q = jnp.clip(w32 / scale, -FP8_E4M3_MAX, FP8_E4M3_MAX).astype(jnp.float8_e4m3fn)
         return QArray(q, scale, None, jnp.dtype(w.dtype), fmt, None, source)
     if fmt == "nf4":
-        amax = jnp.max(jnp.abs(w32), axis=reduce_axes, keepdims=True)
+        amax = jnp.max(jnp.abs(w32), axis=reduce_axes, keepdims=True) * shrink
         scale = jnp.where(amax > 0, amax, 1.0)
         x = w32 / scale
         codes = jnp.argmin(jnp.abs(x[..., None] - jnp.asarray(NF4_CODEBOOK)), axis=-1).astype(jnp.int8)
@@ -412,7 +429,7 @@ def quantize(w, reduce_axes: Sequence[int], *, fmt: str = "int8", group_size: in
     bits = FORMAT_BITS[fmt]
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
-        amax = jnp.max(jnp.abs(w32), axis=reduce_axes, keepdims=True)
+        amax = jnp.max(jnp.abs(w32), axis=reduce_axes, keepdims=True) * shrink
         scale = jnp.where(amax > 0, amax / qmax, 1.0)
         codes = jnp.clip(jnp.round(w32 / scale), -qmax, qmax).astype(jnp.int8)
         zero = None
@@ -420,14 +437,45 @@ def quantize(w, reduce_axes: Sequence[int], *, fmt: str = "int8", group_size: in
         # Min-max with a float zero point (as llama.cpp's Q4_1 "scale + min"): the grid is
         # lo + k * scale exactly, so data already on such a grid is reproduced exactly.
         qmax = 2 ** bits - 1
-        lo = jnp.min(w32, axis=reduce_axes, keepdims=True)
-        hi = jnp.max(w32, axis=reduce_axes, keepdims=True)
+        lo = jnp.min(w32, axis=reduce_axes, keepdims=True) * shrink
+        hi = jnp.max(w32, axis=reduce_axes, keepdims=True) * shrink
         scale = jnp.where(hi > lo, (hi - lo) / qmax, 1.0)
         zero = -lo / scale
         codes = jnp.clip(jnp.round((w32 - lo) / scale), 0, qmax)
         codes = codes.astype(jnp.uint8 if bits == 8 else jnp.int8)
     out = QArray(codes, scale.astype(jnp.float32), zero, jnp.dtype(w.dtype), fmt, None, source)
     return _pack(out, reduce_axes[0]) if fmt in STORAGE_BITS else out
+
+
+def ragged_groups(n: int, group_size: int) -> tuple[int, int, int]:
+    """``(head, tail, d)`` for ``n`` elements in groups of ``group_size``: ``head`` elements in
+    whole groups, a ragged last group of ``tail`` elements, and the storage granularity
+    ``d = gcd(n, group_size)`` at which a ragged grouping's scales are stored."""
+    tail = n % group_size
+    return n - tail, tail, math.gcd(n, group_size)
+
+
+def _quantize_ragged(w32, axis, fmt, group_size, symmetric, source, clip, dtype) -> QArray:
+    """Groups of ``group_size`` along ``axis`` plus a ragged last group, stored at gcd granularity
+    (see :func:`quantize`). ``clip`` (if an array) is in that storage layout."""
+    n = w32.shape[axis]
+    head, tail, d = ragged_groups(n, group_size)
+    ch = ct = clip
+    if clip is not None and clip.ndim:
+        ch = lax.slice_in_dim(clip, 0, head // d, stride=group_size // d, axis=axis)
+        ct = lax.slice_in_dim(clip, head // d, head // d + 1, axis=axis)
+    parts = []
+    if head:
+        parts.append((quantize(lax.slice_in_dim(w32, 0, head, axis=axis), (axis,), fmt=fmt,
+                               group_size=group_size, symmetric=symmetric, clip=ch), group_size // d))
+    parts.append((quantize(lax.slice_in_dim(w32, head, n, axis=axis), (axis,), fmt=fmt,
+                           group_size=None, symmetric=symmetric, clip=ct), tail // d))
+    codes = jnp.concatenate([q.codes() for q, _ in parts], axis=axis)
+    scale = jnp.concatenate([jnp.repeat(q.scale, r, axis=axis) for q, r in parts], axis=axis)
+    zero = None if parts[0][0].zero is None else jnp.concatenate(
+        [jnp.repeat(q.zero, r, axis=axis) for q, r in parts], axis=axis)
+    out = QArray(codes, scale, zero, dtype, fmt, None, source)
+    return _pack(out, axis) if fmt in STORAGE_BITS else out
 
 
 def _pack(q: QArray, axis: int) -> QArray:
