@@ -13,6 +13,9 @@ one operand that derives from a parameter through layout-only equations.
 from __future__ import annotations
 
 import dataclasses
+
+import jax.numpy as jnp
+from collections import defaultdict
 import re
 from typing import Callable, Iterable, Sequence
 
@@ -110,3 +113,61 @@ def opaque_uses(provenance: Provenance) -> list[tuple[str, EqnSite]]:
         if opaque:
             out.extend((p.param, site) for p in site.in_provs if p is not None)
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulWeights:
+    """What a weight-rewriting pass (Quantize, Sparsify) starts from: see :func:`matmul_weights`."""
+
+    leaves: dict                # every parameter path -> array
+    uses_by_param: dict         # path -> [ParamDot, ...]
+    candidates: list            # [(path, leaf, uses)]: float weights of matmuls, accepted by the rule
+
+
+def matmul_weights(program, rule: PathRule, report, pass_name: str,
+                   allow_unmatched: bool = False) -> MatmulWeights:
+    """The float parameters accepted by ``rule`` that feed matmuls, with their matmul uses.
+
+    Why one function: every weight pass must refuse the same things the same way. An include
+    pattern that matches no path raises (unless ``allow_unmatched``); an explicitly included
+    weight whose only uses are inside an op jaxpass cannot rewrite raises; weights with no matmul
+    use, already rewritten by an earlier pass, or not floating point are left, each with its
+    reason in ``report.skipped``.
+    """
+    from jaxpass.core.pass_api import PassError
+
+    leaves = dict(program.param_leaves)
+    uses_by_param = defaultdict(list)
+    for use in param_dots(program.provenance):
+        uses_by_param[use.param].append(use)
+    opaque = defaultdict(list)
+    for param, site in opaque_uses(program.provenance):
+        opaque[param].append(site)
+    unmatched = rule.unmatched_includes(leaves)
+    if unmatched and not allow_unmatched:
+        raise PassError(f"{pass_name}: include pattern(s) {unmatched} match no parameter path. "
+                        f"Parameter paths look like {list(leaves)[:4]}. Pass "
+                        "allow_unmatched=True to accept this.")
+    explicit = rule.include is not None
+    candidates = []
+    for path, leaf in leaves.items():
+        if not rule.matches(path):
+            continue
+        uses = uses_by_param.get(path, [])
+        if not uses:
+            if explicit and opaque.get(path):
+                raise PassError(
+                    f"{pass_name}: {path} matches {rule.describe()} but its only uses are inside "
+                    f"{opaque[path][0].location()}, an op whose body jaxpass cannot rewrite; "
+                    "exclude it, or expose the matmul outside that op")
+            if explicit and leaf.ndim >= 1:
+                report.skipped.append((path, "not used by a matmul"))
+            continue
+        if program.history.get(path):
+            report.skipped.append((path, f"already rewritten by {program.history[path]}"))
+            continue
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            report.skipped.append((path, f"dtype {jnp.dtype(leaf.dtype).name} is not float"))
+            continue
+        candidates.append((path, leaf, uses))
+    return MatmulWeights(leaves, uses_by_param, candidates)

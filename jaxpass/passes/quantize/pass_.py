@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections import defaultdict
 from typing import ClassVar, Sequence
 
 import numpy as np
@@ -17,7 +16,7 @@ from rich.progress import track
 from jaxpass.core.calibration import collect_matmul_inputs
 from jaxpass.core.interpreter import Rules
 from jaxpass.core.pass_api import ORDER_QUANTIZE, PassError, PassResult
-from jaxpass.core.patterns import PathRule, opaque_uses, param_dots
+from jaxpass.core.patterns import PathRule, matmul_weights
 from jaxpass.core.report import PassReport
 from jaxpass.passes.quantize.clip import search_clip
 from jaxpass.passes.quantize.matmul import dot_general_rule
@@ -162,19 +161,8 @@ class Quantize:
     def run(self, program) -> PassResult:
         rule = PathRule(self.include, self.exclude)
         report = PassReport("Quantize", self._config())
-        leaves = dict(program.param_leaves)
-        uses_by_param = defaultdict(list)
-        for use in param_dots(program.provenance):
-            uses_by_param[use.param].append(use)
-        opaque = defaultdict(list)
-        for param, site in opaque_uses(program.provenance):
-            opaque[param].append(site)
-
-        unmatched = rule.unmatched_includes(leaves)
-        if unmatched and not self.allow_unmatched:
-            raise PassError(f"Quantize: include pattern(s) {unmatched} match no parameter path. "
-                            f"Parameter paths look like {list(leaves)[:4]}. Pass "
-                            "allow_unmatched=True to accept this.")
+        found = matmul_weights(program, rule, report, "Quantize", self.allow_unmatched)
+        uses_by_param = found.uses_by_param
 
         training = program.mode == "train"
         if training and self.method != "rtn":
@@ -184,26 +172,7 @@ class Quantize:
                             f"..., method={self.method!r})], calibration_data=...) to calibrate the "
                             "trained weights")
         replacements = {}
-        for path, leaf in leaves.items():
-            if not rule.matches(path):
-                continue
-            uses = uses_by_param.get(path, [])
-            explicit = rule.include is not None
-            if not uses:
-                if explicit and opaque.get(path):
-                    raise PassError(
-                        f"Quantize: {path} matches {rule.describe()} but its only uses are inside "
-                        f"{opaque[path][0].location()}, an op whose body jaxpass cannot rewrite; "
-                        "exclude it, or expose the matmul outside that op")
-                if explicit and leaf.ndim >= 1:
-                    report.skipped.append((path, "not used by a matmul"))
-                continue
-            if program.history.get(path):
-                report.skipped.append((path, f"already rewritten by {program.history[path]}"))
-                continue
-            if not jnp.issubdtype(leaf.dtype, jnp.floating):
-                report.skipped.append((path, f"dtype {jnp.dtype(leaf.dtype).name} is not float"))
-                continue
+        for path, leaf, uses in found.candidates:
             _check_finite(path, leaf)
             reduce_axes = frozenset().union(*(u.contracting_axes for u in uses))
             if len({u.contracting_axes for u in uses}) > 1:

@@ -4,7 +4,6 @@ masks for sparse training (``mode="train"``)."""
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
 from typing import ClassVar, Sequence
 
 
@@ -17,7 +16,7 @@ from jaxpass.core import compat
 from jaxpass.core.calibration import collect_matmul_inputs
 from jaxpass.core.interpreter import Rules
 from jaxpass.core.pass_api import ORDER_SPARSIFY, PassError, PassResult
-from jaxpass.core.patterns import PathRule, opaque_uses, param_dots
+from jaxpass.core.patterns import PathRule, matmul_weights
 from jaxpass.core.report import ParamChange, PassReport
 from jaxpass.core.values import leaf_nbytes
 from jaxpass.passes.sparsify import masks
@@ -129,40 +128,11 @@ class Sparsify:
             raise PassError(f"Sparsify(method={self.method!r}) needs calibration data (activation "
                             "statistics of each weight's inputs): transform(..., "
                             "calibration_data=[(x1,), (x2,), ...])")
-        leaves = dict(program.param_leaves)
-        uses_by_param = defaultdict(list)
-        for use in param_dots(program.provenance):
-            uses_by_param[use.param].append(use)
-        opaque = defaultdict(list)
-        for param, site in opaque_uses(program.provenance):
-            opaque[param].append(site)
-        unmatched = rule.unmatched_includes(leaves)
-        if unmatched and not self.allow_unmatched:
-            raise PassError(f"Sparsify: include pattern(s) {unmatched} match no parameter path. "
-                            f"Parameter paths look like {list(leaves)[:4]}. Pass "
-                            "allow_unmatched=True to accept this.")
+        found = matmul_weights(program, rule, report, "Sparsify", self.allow_unmatched)
+        leaves, uses_by_param = found.leaves, found.uses_by_param
 
         targets: dict[str, _Target] = {}
-        for path, leaf in leaves.items():
-            if not rule.matches(path):
-                continue
-            uses = uses_by_param.get(path, [])
-            explicit = rule.include is not None
-            if not uses:
-                if explicit and opaque.get(path):
-                    raise PassError(
-                        f"Sparsify: {path} matches {rule.describe()} but its only uses are inside "
-                        f"{opaque[path][0].location()}, an op whose body jaxpass cannot rewrite; "
-                        "exclude it, or expose the matmul outside that op")
-                if explicit and leaf.ndim >= 1:
-                    report.skipped.append((path, "not used by a matmul"))
-                continue
-            if program.history.get(path):
-                report.skipped.append((path, f"already rewritten by {program.history[path]}"))
-                continue
-            if not jnp.issubdtype(leaf.dtype, jnp.floating):
-                report.skipped.append((path, f"dtype {jnp.dtype(leaf.dtype).name} is not float"))
-                continue
+        for path, leaf, uses in found.candidates:
             target = self._target(path, leaf, uses, report)
             if target is not None:
                 targets[path] = target
