@@ -15,6 +15,19 @@ import optax
 from rich.progress import track
 
 
+def held_out_and_batches(tok, args):
+    """The held-out windows (the corpus's start) and the training batches (from chapter
+    ``args.train_paragraph`` on, never overlapping them), as both scripts use them."""
+    from jaxpass import evaluate
+
+    held_out = tok.encode(evaluate.corpus.english_text(max_chars=args.context * args.windows * 6))
+    if len(held_out) < args.context * args.windows:
+        raise SystemExit(f"corpus gave {len(held_out)} tokens, need {args.context * args.windows}")
+    train_ids = np.asarray(tok.encode(evaluate.corpus.english_text(
+        max_chars=args.batch * (args.seq + 1) * args.steps * 6, start_paragraph=args.train_paragraph)))
+    return held_out, batches(train_ids, args.batch, args.seq, args.steps)
+
+
 def batches(ids: np.ndarray, batch: int, seq: int, steps: int, seed: int = 0):
     """``steps`` batches of ``[batch, seq + 1]`` token windows drawn from ``ids``."""
     rng = np.random.default_rng(seed)

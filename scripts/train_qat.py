@@ -26,13 +26,12 @@ import json
 import platform
 import time
 
-import numpy as np
 
 import jax
 import jax.numpy as jnp
 
 import jaxpass
-from finetune_common import batches, fine_tune  # noqa: E402  (scripts/)
+from finetune_common import fine_tune, held_out_and_batches  # noqa: E402  (scripts/)
 from jaxpass import evaluate, models, passes
 
 EMBED = r"\['embed'\]"
@@ -55,12 +54,7 @@ def main():
     args = ap.parse_args()
 
     model, tok = models.smollm2(scan_layers=True)
-    held_out = tok.encode(evaluate.corpus.english_text(max_chars=args.context * args.windows * 6))
-    if len(held_out) < args.context * args.windows:
-        raise SystemExit(f"corpus gave {len(held_out)} tokens, need {args.context * args.windows}")
-    train_ids = np.asarray(tok.encode(evaluate.corpus.english_text(
-        max_chars=args.batch * (args.seq + 1) * args.steps * 6, start_paragraph=args.train_paragraph)))
-    data = batches(train_ids, args.batch, args.seq, args.steps)
+    held_out, data = held_out_and_batches(tok, args)
     example = (jnp.asarray(data[0][:, :-1]),)
     quant = [passes.Quantize(weights=args.weights, group_size=args.group_size, exclude=EMBED)]
 
