@@ -76,7 +76,29 @@ def _unflatten(aux, children):
 jax.tree_util.register_pytree_node(KVSide, _flatten, _unflatten)
 
 
-class KVStep(StructuredValue):
+class _OfSide:
+    """Format, source, shape and dtype of a cache step are those of its :class:`KVSide`."""
+
+    side: "KVSide"
+
+    @property
+    def format_name(self) -> str:
+        return self.side.format_name
+
+    @property
+    def source(self) -> str:
+        return self.side.source
+
+    @property
+    def shape(self):
+        return self.side.shape
+
+    @property
+    def dtype(self):
+        return self.side.dtype
+
+
+class KVStep(_OfSide, StructuredValue):
     """A layer's cache during one ``forward_cached`` step (only while the program is re-traced:
     never a pytree, never a program input)."""
 
@@ -92,22 +114,6 @@ class KVStep(StructuredValue):
     def policy(self):
         return self.side.policy
 
-    @property
-    def format_name(self) -> str:
-        return self.side.format_name
-
-    @property
-    def source(self) -> str:
-        return self.side.source
-
-    @property
-    def shape(self):
-        return self.side.shape
-
-    @property
-    def dtype(self):
-        return self.side.dtype
-
     def new_state(self):
         if self._new_state is None:
             self._new_state = self.policy.finish(self)
@@ -121,28 +127,12 @@ class KVStep(StructuredValue):
         return KVSide("k", self.new_state(), s.shape, s.dtype, s.layer, s.policy)
 
 
-class VStep(StructuredValue):
+class VStep(_OfSide, StructuredValue):
     """The V half of a :class:`KVStep` (its data is on the K step)."""
 
     def __init__(self, kstep: KVStep, side: KVSide):
         self.kstep = kstep
         self.side = side
-
-    @property
-    def format_name(self) -> str:
-        return self.side.format_name
-
-    @property
-    def source(self) -> str:
-        return self.side.source
-
-    @property
-    def shape(self):
-        return self.side.shape
-
-    @property
-    def dtype(self):
-        return self.side.dtype
 
     def materialize(self):
         return self.kstep.policy.dense_v(self.kstep.new_state(), self.side.shape, self.side.dtype)
