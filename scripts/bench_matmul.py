@@ -206,7 +206,7 @@ def main():
                 if args.tune and m in DECODE_M:
                     best, sweep = None, []
                     for cfg in candidates(m, k, n, pw.bits, args.wide)[:(2 if interp else None)]:
-                        if api._check(xs[0].shape, xs[0].dtype, pw, cfg):
+                        if api.check_config(xs[0].shape, xs[0].dtype, pw, cfg):
                             continue
                         kernel = (pallas_triton_gemv.quantized_matmul_gemv
                                   if isinstance(cfg, GemvConfig) else
@@ -222,7 +222,7 @@ def main():
                             best = (cfg, t_us)
                     row[f"{fmt}_sweep"] = sweep
                     if best is not None:
-                        backend = api._backend_of(best[0]) if best[1] < fb_us else "xla"
+                        backend = api.backend_of(best[0]) if best[1] < fb_us else "xla"
                         tuned[tkey] = dict(backend=backend, config=best[0].to_dict(),
                                            kernel_us=round(best[1], 2), xla_us=round(fb_us, 2),
                                            bf16_us=round(row["bf16_us"], 2),

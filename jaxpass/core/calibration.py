@@ -137,3 +137,18 @@ def collect_matmul_inputs(program, params, on_rows, *, progress: str | None = No
             on_rows(prov, x.reshape(-1, x.shape[-1]), it)
 
     return collect(program, program.calibration_data, observe, progress=progress)
+
+
+def damped_hessian(w, h, damp: float):
+    """``(w, h)`` in f32, ready for an OBS-style solve (GPTQ, SparseGPT).
+
+    Inputs that never fired (zero diagonal of ``h``) get a unit diagonal and their weight rows
+    zeroed, as they cannot affect the output; then ``damp`` times the mean diagonal is added, so
+    ``h`` is positive definite and its inverse's Cholesky factor exists.
+    """
+    w = w.astype(jnp.float32)
+    h = h.astype(jnp.float32)
+    dead = jnp.diag(h) == 0
+    h = h + jnp.diag(dead.astype(jnp.float32))
+    w = jnp.where(dead[:, None], 0.0, w)
+    return w, h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(h.shape[0], dtype=jnp.float32)

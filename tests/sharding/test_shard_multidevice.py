@@ -75,7 +75,8 @@ def test_int4_codes_and_scales_shard_together_and_save_load_exactly(default_resu
 def test_lower_to_pallas_after_shard_keeps_sharded_weights_on_xla(default_results):
     r = default_results["lower_after_shard"]
     assert r["sharded_error"] and "sharded across devices" in r["sharded_error"]
-    assert r["dp_lowered"] > 0 and r["dp_rel_err"] <= 1e-2  # bf16-tolerance kernels, replicated
+    # f32 model: the kernels multiply in IEEE f32, so only the summation order differs
+    assert r["dp_lowered"] > 0 and r["dp_rel_err"] <= TOL
 
 
 def test_fsdp_gathers_one_layer_at_a_time(default_results):

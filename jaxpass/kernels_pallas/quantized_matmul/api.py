@@ -55,10 +55,10 @@ def select_implementation(x_shape, x_dtype, pw: PackedWeight, *, backend: str = 
         return Selection(backend, None, "requested")
     if backend in ("triton", "triton_gemv"):
         cfg = config or _tuned_or_default(pw, x_dtype, m, gemv_ok=backend == "triton_gemv")[0]
-        why = _check(x_shape, x_dtype, pw, cfg)
+        why = check_config(x_shape, x_dtype, pw, cfg)
         if why:
             raise ValueError(f"backend={backend!r} cannot run this problem: {why}")
-        return Selection(_backend_of(cfg), cfg, "requested")
+        return Selection(backend_of(cfg), cfg, "requested")
     if backend == "mosaic_tpu":
         from jaxpass.kernels_pallas.quantized_matmul import pallas_mosaic_tpu
         why = pallas_mosaic_tpu.check(x_shape, x_dtype, pw, config)
@@ -70,18 +70,18 @@ def select_implementation(x_shape, x_dtype, pw: PackedWeight, *, backend: str = 
     if platform == "gpu":
         cfg, tuned_backend, origin = _tuned_or_default(pw, x_dtype, m)
         if config is not None:
-            cfg, tuned_backend, origin = config, _backend_of(config), "config given"
+            cfg, tuned_backend, origin = config, backend_of(config), "config given"
         if tuned_backend == "xla":
             return Selection("xla", None, f"XLA measured faster ({origin})")
         if tuned_backend is None and m > DECODE_MAX_M:
             return Selection("xla", None, f"M={m} > {DECODE_MAX_M} and no tuned entry: XLA GEMM")
-        why = _check(x_shape, x_dtype, pw, cfg)
+        why = check_config(x_shape, x_dtype, pw, cfg)
         if why and isinstance(cfg, GemvConfig):  # e.g. f32 x: the byte kernel's default instead
             cfg = tuning.default_config(m, pw.k, pw.n, pw.bits)
-            why = _check(x_shape, x_dtype, pw, cfg)
+            why = check_config(x_shape, x_dtype, pw, cfg)
         if why:
             return Selection("xla", None, f"Triton kernel does not apply: {why}")
-        return Selection(_backend_of(cfg), cfg, origin)
+        return Selection(backend_of(cfg), cfg, origin)
     if platform == "tpu":
         from jaxpass.kernels_pallas.quantized_matmul import pallas_mosaic_tpu
         why = pallas_mosaic_tpu.check(x_shape, x_dtype, pw, config)
@@ -91,11 +91,13 @@ def select_implementation(x_shape, x_dtype, pw: PackedWeight, *, backend: str = 
     return Selection("xla", None, f"no Pallas kernel for platform {platform!r}")
 
 
-def _backend_of(cfg) -> str:
+def backend_of(cfg) -> str:
+    """The backend name a kernel config belongs to ("triton_gemv" or "triton")."""
     return "triton_gemv" if isinstance(cfg, GemvConfig) else "triton"
 
 
-def _check(x_shape, x_dtype, pw: PackedWeight, cfg) -> str | None:
+def check_config(x_shape, x_dtype, pw: PackedWeight, cfg) -> str | None:
+    """Why ``cfg`` (TritonConfig or GemvConfig) cannot run ``x[x_shape] @ pw``, or None."""
     from jaxpass.kernels_pallas.quantized_matmul import pallas_triton
     if isinstance(cfg, GemvConfig):
         return pallas_triton_gemv.check_config(x_shape, x_dtype, pw, cfg)

@@ -37,10 +37,6 @@ from jaxpass.kernels_pallas.quantized_matmul import layout, triton_common
 from jaxpass.kernels_pallas.quantized_matmul.config import Int8Config, TritonConfig
 from jaxpass.kernels_pallas.quantized_matmul.layout import PackedWeight
 
-_F32_MAGIC = triton_common.F32_MAGIC
-_BF16_MAGIC = triton_common.BF16_MAGIC
-
-
 def _is_pow2(v: int) -> bool:
     return v > 0 and (v & (v - 1)) == 0
 
@@ -86,13 +82,10 @@ def _dequant_int4(w_u8, x_dtype):
     """
     if x_dtype == jnp.bfloat16:
         w16 = w_u8.astype(jnp.uint16)
-        lo = lax.bitcast_convert_type((w16 & 0xF) | _BF16_MAGIC, jnp.bfloat16)
-        hi = lax.bitcast_convert_type((w16 >> 4) | _BF16_MAGIC, jnp.bfloat16)
+        lo = lax.bitcast_convert_type((w16 & 0xF) | triton_common.BF16_MAGIC, jnp.bfloat16)
+        hi = lax.bitcast_convert_type((w16 >> 4) | triton_common.BF16_MAGIC, jnp.bfloat16)
         return lo, hi, 128.0
-    w32 = w_u8.astype(jnp.uint32)
-    big = jnp.float32(2.0 ** 23)
-    lo = lax.bitcast_convert_type((w32 & 0xF) | _F32_MAGIC, jnp.float32) - big
-    hi = lax.bitcast_convert_type((w32 >> 4) | _F32_MAGIC, jnp.float32) - big
+    lo, hi = _codes_f32_int4(w_u8)
     return lo.astype(x_dtype), hi.astype(x_dtype), 0.0
 
 
@@ -102,16 +95,10 @@ def _dequant_int8(w_i8, x_dtype):
     return triton_common.int8_as_f32(u).astype(x_dtype)
 
 
-_unpack_pairs = triton_common.split_pairs
-
-
 def _codes_f32_int4(w_u8):
     """Exact f32 codes (low nibble, high nibble) of a uint8 tile, without int->float instructions."""
     w32 = w_u8.astype(jnp.uint32)
-    big = jnp.float32(2.0 ** 23)
-    lo = lax.bitcast_convert_type((w32 & 0xF) | _F32_MAGIC, jnp.float32) - big
-    hi = lax.bitcast_convert_type((w32 >> 4) | _F32_MAGIC, jnp.float32) - big
-    return lo, hi
+    return triton_common.code_as_f32(w32 & 0xF, 0.0), triton_common.code_as_f32(w32 >> 4, 0.0)
 
 
 def _qmm_kernel(x_ref, w_ref, s_ref, *refs, bits, m, n, k, group_size, num_groups, bias,
@@ -147,7 +134,7 @@ def _qmm_kernel(x_ref, w_ref, s_ref, *refs, bits, m, n, k, group_size, num_group
         if x_pairs:
             cols = c0 + col
             mask = m_ok & (cols < kp) if mask_k else jnp.broadcast_to(m_ok, (bm, sub))
-            return _unpack_pairs(plgpu.load(x_ref.at[m_idx, cols], mask=mask, other=0), x_dtype)
+            return triton_common.split_pairs(plgpu.load(x_ref.at[m_idx, cols], mask=mask, other=0), x_dtype)
         out = []
         for kk in k_idx:
             mask = m_ok & (kk < k) if mask_k else jnp.broadcast_to(m_ok, (bm, sub))
@@ -162,7 +149,7 @@ def _qmm_kernel(x_ref, w_ref, s_ref, *refs, bits, m, n, k, group_size, num_group
             mask = mask & ((c0 + col[0]) < kp)
         if x_pairs or bits == 8:
             v = plgpu.load(x_ref.at[m0 + r, pl.ds(c0, sub)], mask=mask, other=0)
-            parts = _unpack_pairs(v, x_dtype) if x_pairs else (v,)
+            parts = triton_common.split_pairs(v, x_dtype) if x_pairs else (v,)
         else:  # f32 activations with int4: strided gathers (a test-only path)
             kk = 2 * c0 + 2 * col[0]
             parts = tuple(plgpu.load(x_ref.at[jnp.broadcast_to(m0 + r, (sub,)), kk + t],

@@ -16,6 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxpass.core.calibration import damped_hessian
 from jaxpass.passes.quantize.qarray import QArray, expand, from_codes, put_along_axis
 
 
@@ -35,12 +36,7 @@ def gptq_codes(w, h, scale, zero, exact=None, *, qmin: int, qmax: int, act_order
     if exact is None:
         exact = jnp.zeros(w.shape, bool)
     k = w.shape[0]
-    w = w.astype(jnp.float32)
-    h = h.astype(jnp.float32)
-    dead = jnp.diag(h) == 0
-    h = h + jnp.diag(dead.astype(jnp.float32))
-    w = jnp.where(dead[:, None], 0.0, w)
-    h = h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(k, dtype=jnp.float32)
+    w, h = damped_hessian(w, h, damp)
     perm = jnp.argsort(-jnp.diag(h)) if act_order else jnp.arange(k)
     w, h, scale, zero, exact = w[perm], h[perm][:, perm], scale[perm], zero[perm], exact[perm]
     # Upper Cholesky factor of H^-1: row i holds the error-propagation weights for rows > i.

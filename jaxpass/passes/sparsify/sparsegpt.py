@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxpass.core.calibration import damped_hessian
+
 
 def block_size(k: int, blocksize: int) -> int:
     """The largest power of two <= ``blocksize`` that divides ``k`` (mask-selection blocks must
@@ -34,12 +36,7 @@ def sparsegpt_prune(w, h, *, sparsity: float, n: int | None, m: int | None, bloc
     """The pruned, reconstructed ``w [K, R]`` given ``h [K, K]``: unstructured ``sparsity``
     per block of ``block`` rows, or ``n`` kept of every ``m`` rows per column (N:M)."""
     k, r = w.shape
-    w = w.astype(jnp.float32)
-    h = h.astype(jnp.float32)
-    dead = jnp.diag(h) == 0
-    h = h + jnp.diag(dead.astype(jnp.float32))
-    w = jnp.where(dead[:, None], 0.0, w)
-    h = h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(k, dtype=jnp.float32)
+    w, h = damped_hessian(w, h, damp)
     u = jnp.linalg.cholesky(jnp.linalg.inv(h)).T
     d = jnp.diag(u)
     idx = jnp.arange(k)
