@@ -9,8 +9,8 @@ and 2-bit with G=32 / R=128 / Gv=128, sparse Mustafar at 50%):
 * ``jaxpass``: ``decode_attention`` with the Pallas Triton kernel: at 32K the best of the
   ``CANDIDATES`` configs and ``tuning.default_config`` swept in this run, at 4K / 128K the best of
   (32K's best, default); the winners are written to ``$OUT/tuned_configs.json`` (copy it to
-  jaxpass/kernels_pallas/decode_attention/ for ``backend="auto"``); ``-`` where no kernel exists
-  (sparse); ``kivi4b`` is KIVI 4-bit with bf16 scales/mins (32K only);
+  jaxpass/kernels_pallas/decode_attention/ for ``backend="auto"``); ``kivi4b`` is KIVI 4-bit
+  with bf16 scales/mins (32K only);
 * achieved GB/s = ``cache.nbytes`` / time (every byte of the cache is read once per step), and
   that as % of the copy bandwidth (``a + 1`` on 2 GiB, read + write) and of the read bandwidth (a
   sum over 2 GiB) measured in the same run.
@@ -125,10 +125,14 @@ def reps_for(est_s, copies=1):
     return int(max(copies, min(8, max(1, round(3e-4 / max(est_s, 1e-6))))))
 
 
-CANDIDATES = {  # (block_k, num_splits, num_warps, num_stages), swept at 32K
+CANDIDATES = {  # (block_k, num_splits, num_warps, num_stages[, kivi_block]), swept at 32K
     "dense": [(64, 32, 4, 3), (64, 16, 4, 2), (128, 16, 4, 3)],
-    "int8": [(64, 32, 4, 3), (128, 16, 4, 3), (128, 32, 8, 3)],
-    "kivi": [(64, 16, 4, 2), (64, 32, 4, 3), (128, 16, 4, 3)],
+    "int8": [(64, 32, 4, 3), (128, 16, 4, 3), (128, 8, 4, 3), (64, 32, 4, 2), (32, 32, 4, 3),
+             (64, 64, 4, 3), (32, 64, 2, 3)],
+    "sparse": [(32, 32, 4, 2), (16, 64, 4, 2), (32, 16, 4, 2), (64, 16, 4, 2)],
+    # kivi_block 1 / 2: keys dequantized per block, one dot per plane (pallas_triton.py)
+    "kivi": [(64, 32, 4, 3), (128, 16, 4, 2, 1), (128, 16, 4, 3, 1), (128, 16, 4, 2, 2),
+             (128, 16, 4, 3, 2), (128, 8, 4, 2, 1)],
 }
 
 
@@ -149,16 +153,17 @@ def gpu_check(DA, F):
         k = (jax.random.normal(ks[0], (b, kvh, L, d)) * 1.5 + 0.3).astype(dt)
         v = jax.random.normal(ks[1], (b, kvh, L, d)).astype(dt)
         q = jax.random.normal(ks[2], (b, kvh * g, d)).astype(dt)
-        for name in ("dense", "int8", "kivi4", "kivi4b", "kivi2"):
+        for name in ("dense", "int8", "kivi4", "kivi4b", "kivi2", "sparse"):
             kind, opts = FORMATS[name]
             cache = F.from_dense(kind, k, v, lengths=lens, **opts)
             ref = DA.reference_decode_attention(q, cache, lens, scale=d ** -0.5)
-            o = DA.decode_attention(q, cache, lens, scale=d ** -0.5, backend="triton",
-                                    config=DA.DecodeConfig(64, 4, 4, 2))
-            err = rel_err(o, ref)
-            out.append(dict(dtype=jnp.dtype(dt).name, format=name, rel_err=err,
-                            ok=bool(err <= tol)))
-            print(json.dumps(out[-1]), flush=True)
+            for kb in ((0, 1, 2) if kind == "kivi" else (0,)):
+                o = DA.decode_attention(q, cache, lens, scale=d ** -0.5, backend="triton",
+                                        config=DA.DecodeConfig(64, 4, 4, 2, kivi_block=kb))
+                err = rel_err(o, ref)
+                out.append(dict(dtype=jnp.dtype(dt).name, format=name + (f"/block{kb}" if kb else ""),
+                                rel_err=err, ok=bool(err <= tol)))
+                print(json.dumps(out[-1]), flush=True)
     return out
 
 
@@ -225,8 +230,11 @@ def main(argv=None):
             groups = HQ // KVH
             row = dict(L=L, format=name, nbytes=cache.nbytes, xla_bf16_us=t_bf16 * 1e6,
                        xla_fmt_us=t_x * 1e6, copies=n, calls_per_exec=r, sweep=[])
-            sel = DA.select_implementation(qs[0].shape, qs[0].dtype, cache, platform="gpu")
-            if sel.backend == "triton":
+            # Sweep the kernel wherever it can run, whatever the tuned table chose last time.
+            from jaxpass.kernels_pallas.decode_attention import pallas_triton
+            why_not = pallas_triton.check(qs[0].shape, qs[0].dtype, cache,
+                                          tuning.default_config(cache, HQ // KVH))
+            if why_not is None:
                 default = tuning.default_config(cache, groups)
                 if L == 32768:
                     cands = [DA.DecodeConfig(*c) for c in CANDIDATES[family(name)]]
@@ -235,9 +243,7 @@ def main(argv=None):
                 if default not in cands:
                     cands.append(default)
                 for cfg in cands:
-                    if DA.select_implementation(qs[0].shape, qs[0].dtype, cache,
-                                                backend="auto", config=cfg,
-                                                platform="gpu").backend != "triton":
+                    if pallas_triton.check(qs[0].shape, qs[0].dtype, cache, cfg):
                         continue
                     op = lambda q, c, cfg=cfg: DA.decode_attention(
                         q, c, lengths, scale=scale, backend="triton", config=cfg)
@@ -266,7 +272,7 @@ def main(argv=None):
                             config=best["config"], us=round(best["us"], 1), device=dev,
                             date=time.strftime("%Y-%m-%d"))
             else:
-                row["reason"] = sel.reason
+                row["reason"] = why_not
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "sweep"}), flush=True)
             save()
@@ -286,12 +292,13 @@ def main(argv=None):
         if jp:
             c = r_["config"]
             sw = " ".join(f"{x['config']['block_k']}/{x['config']['num_splits']}/"
-                          f"{x['config']['num_warps']}/{x['config']['num_stages']}="
+                          f"{x['config']['num_warps']}/{x['config']['num_stages']}"
+                          f"{'b%d' % x['config']['kivi_block'] if x['config'].get('kivi_block') else ''}="
                           f"{x.get('us', float('nan')):.0f}{'*' if x.get('default') else ''}"
                           for x in r_["sweep"])
             cols = (f"{jp:8.1f} {r_['gbps']:5.0f} {r_['pct_copy']:5.0f} {r_['pct_read']:5.0f} "
                     f"{r_['rel_err']:7.1e}  {c['block_k']}/{c['num_splits']}/{c['num_warps']}/"
-                    f"{c['num_stages']} | {sw}")
+                    f"{c['num_stages']}{'b%d' % c['kivi_block'] if c.get('kivi_block') else ''} | {sw}")
         else:
             cols = f"{'-':>8} {'-':>5} {'-':>5} {'-':>5} {'-':>7}  {r_.get('reason', '')}"
         print(f"{r_['L']:>6} {r_['format']:>6} {r_['nbytes'] / 1e6:>7.1f} "

@@ -26,6 +26,8 @@ tuned_configs.json, which the auto dispatch then uses. Full results go to $OUT (
     # as recorded in docs/bench_matmul.md (two calls, each under the device tool's 10 minutes):
     python scripts/bench_matmul.py --tune --shapes q_o_proj,gate_up_proj,down_proj --budget_s 430
     python scripts/bench_matmul.py --tune --shapes lm_head,square_8k --budget_s 300
+    # SmolLM2's shapes (arg_specs.SMOLLM2_KN), int4 in groups of 64:
+    python scripts/bench_matmul.py --tune --shapes smol_q_o,smol_kv,smol_gate_up,smol_down,smol_lm_head --ms 1,16 --formats int4_g64_sym,int8_pc_sym
 """
 
 from __future__ import annotations
@@ -124,7 +126,8 @@ def main():
     from jaxpass.kernels_pallas.quantized_matmul import (api, pallas_triton, pallas_triton_gemv,
                                                          reference, tuning)
     from jaxpass.kernels_pallas.quantized_matmul.config import GemvConfig
-    from jaxpass.kernels_pallas.quantized_matmul.arg_specs import ALL_M, DECODE_M, LLAMA3_8B_KN
+    from jaxpass.kernels_pallas.quantized_matmul.arg_specs import (ALL_M, DECODE_M, LLAMA3_8B_KN,
+                                                                   SMOLLM2_KN)
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--tune", action="store_true", help="sweep configs for decode M, write table")
@@ -150,7 +153,7 @@ def main():
         shapes, ms = LLAMA3_8B_KN[:2], DECODE_M
     if args.shapes:
         keep = args.shapes.split(",")
-        shapes = [s for s in LLAMA3_8B_KN if s[0] in keep]
+        shapes = [s for s in LLAMA3_8B_KN + SMOLLM2_KN if s[0] in keep]
     if args.ms:
         ms = tuple(int(v) for v in args.ms.split(","))
     interp = args.cpu_smoke
@@ -170,8 +173,9 @@ def main():
         w8 = [(jax.random.randint(jax.random.fold_in(key, 60 + c), (k, n), -128, 128)
                .astype(jnp.int8), jnp.full((1, n), 0.01, jnp.bfloat16))
               for c in range(copies_needed(k * n))]
+        g4 = 128 if k % 128 == 0 else 64   # XLA int4 column: SmolLM2's 576 takes groups of 64
         w4 = [(jax.random.randint(jax.random.fold_in(key, 70 + c), (k, n), -8, 8)
-               .astype(jnp.int4), jnp.full((k // 128, n), 0.01, jnp.bfloat16))
+               .astype(jnp.int4), jnp.full((k // g4, n), 0.01, jnp.bfloat16))
               for c in range(copies_needed(k * n // 2))]
         packed = {fmt: make_packed(key, k, n, fmt, copies_needed(k * n // (2 if "int4" in fmt else 1)))
                   for fmt in fmts}
@@ -189,7 +193,7 @@ def main():
                 return ((x @ wq.astype(jnp.bfloat16)).astype(jnp.float32) * s).astype(jnp.bfloat16)
 
             def xla4_op(x, wq, s):
-                w = (wq.astype(jnp.bfloat16).reshape(k // 128, 128, n) * s[:, None, :])
+                w = (wq.astype(jnp.bfloat16).reshape(k // g4, g4, n) * s[:, None, :])
                 return x @ w.reshape(k, n)
 
             row = dict(shape=name, m=m, k=k, n=n)
@@ -260,7 +264,7 @@ def main():
 
     print(f"\ndevice {dev.device_kind}, jax {jax.__version__}, copy bandwidth "
           f"{bw / 1e9:.0f} GB/s; times in us; x = speed-up over bf16; %bw of the copy bandwidth")
-    cols = [f for f in ("int8_pc_sym", "int4_g128_sym") if f in fmts]
+    cols = [f for f in ("int8_pc_sym", "int4_g128_sym", "int4_g64_sym") if f in fmts]
     hdr = "| shape | M | bf16 | xla int8 | xla int4 |"
     for f in cols:
         hdr += f" jp {f} | x bf16 | %bw | backend |"

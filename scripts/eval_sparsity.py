@@ -1,8 +1,11 @@
 """Pruning accuracy on SmolLM2-135M-Instruct: perplexity of one-shot methods, one table.
 
 Rows: the uncompressed fp32 model (the baseline of ``scripts/eval_quantization.py``, evaluated the
-same way), then 50% unstructured and 2:4 sparsity for magnitude, Wanda and SparseGPT, with the
-token embedding (tied to the output head) left dense, as the papers do. Text and calibration data
+same way), then 50% unstructured and 2:4 sparsity for magnitude, Wanda and SparseGPT, then
+SparseGPT 2:4 with int4 g64 / int8 per-channel weights, quantized jointly (in SparseGPT's sweep)
+or afterwards (round to nearest), and structured rows (``pattern="channels"`` / ``"heads"``:
+whole MLP channels or KV-head groups removed), with the token embedding (tied to the output head) left dense,
+as the papers do. Text and calibration data
 come from ``jaxpass.evaluate``'s corpus exactly as in ``eval_quantization.py`` (non-overlapping
 evaluation windows; calibration from later chapters). Rows already in ``--out`` are not re-run.
 
@@ -36,10 +39,44 @@ RECIPES = {
     "Wanda 2:4": [passes.Sparsify(pattern="2:4", method="wanda", exclude=EMBED)],
     "SparseGPT 50%": [passes.Sparsify(sparsity=0.5, method="sparsegpt", exclude=EMBED)],
     "SparseGPT 2:4": [passes.Sparsify(pattern="2:4", method="sparsegpt", exclude=EMBED)],
-    "SparseGPT 2:4 + W8 per-channel": [passes.Sparsify(pattern="2:4", method="sparsegpt", exclude=EMBED),
-                                       passes.Quantize(weights="int8", exclude=EMBED)],
-    "SparseGPT 2:4 + W4 g64": [passes.Sparsify(pattern="2:4", method="sparsegpt", exclude=EMBED),
-                               passes.Quantize(weights="int4", group_size=64, exclude=EMBED)],
+    # Joint (SparseGPT's sweep also rounds the kept weights and compensates both errors) against
+    # sequential (SparseGPT, then round-to-nearest Quantize of the pruned weights).
+    "SparseGPT 2:4 + W4 g64 (joint)": [passes.Sparsify(pattern="2:4", method="sparsegpt", quantize="int4",
+                                                       group_size=64, exclude=EMBED)],
+    "SparseGPT 2:4 + W8 per-channel (joint)": [passes.Sparsify(pattern="2:4", method="sparsegpt",
+                                                               quantize="int8", exclude=EMBED)],
+    "SparseGPT 2:4 + W4 g64 (RTN after)": [passes.Sparsify(pattern="2:4", method="sparsegpt", exclude=EMBED),
+                                           passes.Quantize(weights="int4", group_size=64, exclude=EMBED)],
+    "SparseGPT 2:4 + W8 per-channel (RTN after)": [passes.Sparsify(pattern="2:4", method="sparsegpt",
+                                                                   exclude=EMBED),
+                                                   passes.Quantize(weights="int8", exclude=EMBED)],
+    "SparseGPT 50% + W4 g64 (joint)": [passes.Sparsify(sparsity=0.5, method="sparsegpt", quantize="int4",
+                                                       group_size=64, exclude=EMBED)],
+    "SparseGPT 50% + W4 g64 (RTN after)": [passes.Sparsify(sparsity=0.5, method="sparsegpt", exclude=EMBED),
+                                           passes.Quantize(weights="int4", group_size=64, exclude=EMBED)],
+    # Structured: whole MLP channels removed (gate/up columns, down rows; the weights shrink).
+    "channels 10% magnitude": [passes.Sparsify(pattern="channels", sparsity=0.1, exclude=EMBED)],
+    "channels 25% magnitude": [passes.Sparsify(pattern="channels", sparsity=0.25, exclude=EMBED)],
+    "channels 25% Wanda-sp": [passes.Sparsify(pattern="channels", sparsity=0.25, method="wanda",
+                                              exclude=EMBED)],
+    "channels 25% Wanda-sp + FLAP bias": [passes.Sparsify(pattern="channels", sparsity=0.25,
+                                                          method="wanda", compensate=True,
+                                                          exclude=EMBED)],
+    "channels 10% Wanda-sp": [passes.Sparsify(pattern="channels", sparsity=0.1, method="wanda",
+                                              exclude=EMBED)],
+    "channels 10% Wanda-sp + FLAP bias": [passes.Sparsify(pattern="channels", sparsity=0.1,
+                                                          method="wanda", compensate=True,
+                                                          exclude=EMBED)],
+    # Structured: whole KV-head groups (SmolLM2: 3 KV heads, each read by 3 of the 9 query heads)
+    "heads 1/3 magnitude": [passes.Sparsify(pattern="heads", sparsity=1 / 3, exclude=EMBED)],
+    "heads 1/3 Wanda-sp": [passes.Sparsify(pattern="heads", sparsity=1 / 3, method="wanda",
+                                           exclude=EMBED)],
+    "heads 1/3 FLAP": [passes.Sparsify(pattern="heads", sparsity=1 / 3, method="flap",
+                                       exclude=EMBED)],
+    "channels 10% FLAP": [passes.Sparsify(pattern="channels", sparsity=0.1, method="flap",
+                                          exclude=EMBED)],
+    "channels 25% FLAP": [passes.Sparsify(pattern="channels", sparsity=0.25, method="flap",
+                                          exclude=EMBED)],
 }
 
 
@@ -83,7 +120,7 @@ def main():
         zeros = [c.after for p in t.report for c in p.changed if "zeros" in c.after]
         rows[name] = dict(recipe=name, passes=[repr(p) for p in RECIPES[name]], ppl=ppl,
                           param_bytes=t.report.params_bytes_after, pruned_params=len(zeros),
-                          seconds=time.time() - t0)
+                          seconds=time.time() - t0, date=meta["date"], device=meta["device"])
         print(f"{name:<40} ppl {ppl:8.4f}  ({rows[name]['seconds']:.0f} s)", flush=True)
         if args.out:
             with open(args.out, "w") as f:

@@ -67,6 +67,19 @@ class StructuredValue:
                        for l in jax.tree_util.tree_leaves(self)))
 
 
+class ValueBacked(StructuredValue):
+    """A structured value whose logical array has the shape and dtype of its ``value`` field
+    (a pruned weight with zeros in place, a weight with whole channels removed)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape)
+
+    @property
+    def dtype(self):
+        return self.value.dtype
+
+
 class TrainableValue(StructuredValue):
     """A parameter under quantization-/sparsity-aware training (``transform(..., mode="train")``).
 

@@ -256,7 +256,10 @@ class LowerToPallas:
             y = quantized_matmul(x.astype(compute), owner.packed, backend=backend, interpret=interpret)
             return y.astype(out_dtype)
 
-        rules = Rules({OP: lower, **sparse_rules}, structured_only=frozenset({OP, *sparse_rules}))
+        from jaxpass.passes.sparsify.lowering import first_applicable  # int4 + 2:4 shares OP
+        shared = [sparse_rules[OP]] if OP in sparse_rules else []
+        handlers = {**sparse_rules, OP: first_applicable(lower, *shared)}
+        rules = Rules(handlers, structured_only=frozenset(handlers))
         return PassResult(replacements, rules, report, tolerance=1e-2)
 
 

@@ -18,6 +18,7 @@ KINDS = {
     "int8": ("int8", {}),
     "kivi4": ("kivi", dict(bits=4, group_size=16, residual=32)),
     "kivi2": ("kivi", dict(bits=2, group_size=16, residual=32, v_group_size=16)),
+    "sparse": ("sparse", dict(sparsity=0.5)),
 }
 
 
@@ -34,7 +35,7 @@ def _rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("name", ["dense", "kivi4", pytest.param("int8", marks=pytest.mark.slow),
+@pytest.mark.parametrize("name", ["dense", "kivi4", "sparse", pytest.param("int8", marks=pytest.mark.slow),
                                   pytest.param("kivi2", marks=pytest.mark.slow)])
 def test_triton_kernel_matches_reference_f32(name):
     kind, opts = KINDS[name]
@@ -52,7 +53,8 @@ def test_triton_kernel_matches_reference_f32(name):
 @pytest.mark.parametrize("name", [pytest.param("dense", marks=pytest.mark.slow),
                                   pytest.param("int8", marks=pytest.mark.slow),
                                   pytest.param("kivi4", marks=pytest.mark.slow),
-                                  pytest.param("kivi2", marks=pytest.mark.slow)])
+                                  pytest.param("kivi2", marks=pytest.mark.slow),
+                                  pytest.param("sparse", marks=pytest.mark.slow)])
 def test_triton_kernel_matches_reference_bf16(name):
     """16-bit queries take the magic-number decode paths (int8 as f16 1152 + q, KIVI codes as
     bf16 128 + c) whose biases must cancel exactly."""
@@ -70,6 +72,32 @@ def test_triton_kernel_matches_reference_bf16(name):
     _, vv = cache.dequantize(lens)
     np.testing.assert_allclose(np.asarray(out[0], np.float32),
                                np.repeat(np.asarray(vv[0, :, 0]), G, axis=0), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("name,dtype,tol", [
+    ("kivi4", jnp.float32, 2e-6), ("kivi4", jnp.bfloat16, 6e-3),
+    pytest.param("kivi2", jnp.bfloat16, 6e-3, marks=pytest.mark.slow)])
+def test_kivi_block_dequant_variant_matches_reference(name, dtype, tol):
+    """``kivi_block=1``: keys dequantized per block (group scale rows broadcast to their tokens,
+    two groups per step here), one key dot per plane; bf16 keys round the dequantized values
+    (2**-9 relative, under the bf16 output's own rounding)."""
+    kind, opts = KINDS[name]
+    q, k, v = _data(dtype, seed=2)
+    lens = jnp.array([L - 9, 37])
+    cache = F.from_dense(kind, k, v, lengths=lens, **opts)
+    ref = DA.reference_decode_attention(q, cache, lens, scale=SCALE)
+    run = lambda kb: DA.decode_attention(q, cache, lens, scale=SCALE, backend="triton",
+                                         config=DA.DecodeConfig(32, 2, kivi_block=kb), interpret=True)
+    err = _rel(run(1), ref)
+    if dtype == jnp.float32:
+        assert err < tol
+    else:   # the bf16 output's rounding dominates; the extra key rounding adds at most 20%
+        base = _rel(run(0), ref)
+        assert err < 1.2 * base < tol
+        # 16-bit dequantization arithmetic: scale, min and the product rounded to bf16 (~2**-9
+        # each per key, against KIVI's own ~1/15-of-range quantization step); a wrong bias or
+        # scale row would be off by > 10%
+        assert _rel(run(2), ref) < 2 * base
 
 
 def test_int8_bf16_per_head_lengths_and_split_skipping():
@@ -138,7 +166,7 @@ def test_selection_reasons_and_errors():
     assert sel.backend == "triton" and sel.config is not None
     sparse = F.from_dense("sparse", k, v)
     sel = DA.select_implementation(q.shape, q.dtype, sparse, platform="gpu")
-    assert sel.backend == "xla" and "sparse" in sel.reason
+    assert sel.backend == "triton" and sel.config is not None
     with pytest.raises(ValueError, match="num_splits"):
         DA.decode_attention(q, dense, jnp.array([L, L]), scale=SCALE, backend="triton",
                             config=DA.DecodeConfig(block_k=32, num_splits=3), interpret=True)

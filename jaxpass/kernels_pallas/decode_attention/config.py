@@ -14,12 +14,19 @@ class DecodeConfig:
     (``capacity % (num_splits * block_k) == 0``); more splits = more programs in flight for
     small batch * heads, at the price of a bigger f32 partial output and combine.
     ``num_warps`` / ``num_stages``: Triton's (``num_stages > 1`` software-pipelines the loads).
+    ``kivi_block`` (KIVI only): 1 dequantizes a whole ``block_k`` of keys to the query dtype
+    (per-group scale rows broadcast to their tokens) and runs one key dot per plane and one softmax
+    update per step (2: the same with the dequantization in 16-bit arithmetic, a few more
+    roundings per key); 0 works one key group at a time with the scales folded into the query
+    (fewer roundings, many more small dots). H100, 32K (docs/decode_attention.md): KIVI-4
+    839 us with 0, 285-293 us with 1, 283 us with 2.
     """
 
     block_k: int = 128
     num_splits: int = 16
     num_warps: int = 4
     num_stages: int = 2
+    kivi_block: int = 0
 
     def to_dict(self):
         return dataclasses.asdict(self)

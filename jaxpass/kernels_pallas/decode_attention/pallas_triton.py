@@ -28,6 +28,9 @@ Per format, what one step computes (s: scores ``[G16, block_k]``, p: probabiliti
   group): ``s = sum_planes (q * k_scale) @ codes^T + q . k_min``, the scaled query split into a
   bf16 high and low part so that the product keeps ~16 bits. Values (per-token scale/min of each
   channel group): ``acc[group] += (p * v_scale) @ codes + (p . v_min)``.
+* sparse (Mustafar): each ``[block_k, d]`` K and V tile is rebuilt from its bitmaps (a channel's
+  value sits at its bit's rank within the token: a cumsum over the unpacked bits) by a gathered,
+  masked load of the kept values, then as dense.
 """
 
 from __future__ import annotations
@@ -75,9 +78,6 @@ def padded_group(g: int) -> int:
 
 def check(q_shape, q_dtype, cache, cfg: DecodeConfig) -> str | None:
     """Why this kernel cannot run the problem (a message), or None."""
-    if isinstance(cache, F.SparseKV):
-        return "no Pallas kernel for the sparse (Mustafar) format: decompression needs a " \
-               "per-token gather (docs/decode_attention.md)"
     b, kvh, cap, d = cache.shape
     if jnp.dtype(q_dtype) not in (jnp.bfloat16, jnp.float16, jnp.float32):
         return f"q dtype {jnp.dtype(q_dtype)} is not bf16/f16/f32"
@@ -133,7 +133,8 @@ def _online_update(carry, s, pv_fn):
     return accs, m_new, l
 
 
-def _kernel(len_ref, q_ref, *refs, kind, block_k, split_len, sm_scale, f32, cd, meta):
+def _kernel(len_ref, q_ref, *refs, kind, block_k, split_len, sm_scale, f32, cd, meta,
+            kivi_block=0):
     *in_refs, acc_ref, m_ref, l_ref = refs
     gp, d = q_ref.shape
     si = pl.program_id(2)
@@ -164,8 +165,25 @@ def _kernel(len_ref, q_ref, *refs, kind, block_k, split_len, sm_scale, f32, cd, 
             q16 = q.astype(jnp.float16)
             q16_sum = jnp.sum(q16.astype(jnp.float32), axis=1, keepdims=True)
 
+    def sparse_rows(bm_ref, val_ref, off):
+        """``[block_k, d]`` dense rows of a Mustafar tile: each channel's value sits at its bit's
+        rank in the token's bitmap (a cumsum over the unpacked bits), fetched by a gathered load
+        that skips the dropped channels."""
+        bm = bm_ref[pl.ds(off, block_k), :].astype(jnp.int32)                    # [bk, d/8]
+        shifts = lax.broadcasted_iota(jnp.int32, (1, 1, 8), 2)
+        keep_bit = ((bm[:, :, None] >> shifts) & 1).reshape(block_k, d)
+        slot = jnp.clip(jnp.cumsum(keep_bit, axis=1) - 1, 0, val_ref.shape[-1] - 1)
+        rows = off + lax.broadcasted_iota(jnp.int32, (block_k, d), 0)
+        vals = plgpu.load(val_ref.at[rows, slot], mask=keep_bit > 0, other=0)
+        return vals.astype(cd)
+
     def dense_step(off, carry):
-        if kind == "dense":
+        if kind == "sparse":
+            kbm_ref, kval_ref, vbm_ref, vval_ref = in_refs
+            s = _dot(qd, sparse_rows(kbm_ref, kval_ref, off), f32)
+            v = sparse_rows(vbm_ref, vval_ref, off)
+            pv = lambda p: (_dot_nn(p.astype(cd), v, f32),)
+        elif kind == "dense":
             k_ref, v_ref = in_refs
             s = _dot(qd, k_ref[pl.ds(off, block_k), :].astype(cd), f32)
             v = v_ref[pl.ds(off, block_k), :].astype(cd)
@@ -219,28 +237,59 @@ def _kernel(len_ref, q_ref, *refs, kind, block_k, split_len, sm_scale, f32, cd, 
         idx = start + off + lax.broadcasted_iota(jnp.int32, (1, G), 1)
         s = jnp.where(idx < length, s, -jnp.inf)
 
-        def pv(prob):
-            out = []
-            chunks = [vc_ref[pl.ds(off, G), pl.ds(j * cw, cw)].astype(jnp.uint16)
-                      for j in range(n_chunks)]
-            for p, j in tiles:
-                vgrp = 0 if gv >= d else (p * n + j * cw) // gv
-                vs = vs_ref[pl.ds(off, G), vgrp].astype(jnp.float32)
-                vm = vm_ref[pl.ds(off, G), vgrp].astype(jnp.float32)
-                codes, bias = codes_of(chunks[j], p)
-                pw = (prob * vs[None, :]).astype(cd)
-                t = _dot_nn(pw, codes, f32)
-                if not f32:
-                    t = t - bias * jnp.sum(pw.astype(jnp.float32), axis=1, keepdims=True)
-                out.append(t + jnp.sum(prob * vm[None, :], axis=1, keepdims=True))
-            return out
+        return _online_update(carry, s, lambda prob: kivi_values(off, G, prob))
 
-        return _online_update(carry, s, pv)
+    def kivi_block_step(off, carry):
+        """A whole ``block_k`` of tokens: keys dequantized per plane (each group's scale and min
+        rows broadcast to its G tokens), one key dot per plane, one softmax update; values as in
+        ``kivi_group`` (their per-token scales commute out of the dot)."""
+        ng = block_k // G
+        grp0 = (start + off) // G
+        kc = kc_ref[pl.ds(off, block_k), :].astype(jnp.uint16)
+        s = None
+        for p in range(planes):
+            c = (kc >> (p * bits)) & mask
+            ks = ks_ref[pl.ds(grp0, ng), pl.ds(p * n, n)].astype(jnp.float32)
+            km = km_ref[pl.ds(grp0, ng), pl.ds(p * n, n)].astype(jnp.float32)
+            ks = jnp.broadcast_to(ks[:, None, :], (ng, G, n)).reshape(block_k, n)
+            km = jnp.broadcast_to(km[:, None, :], (ng, G, n)).reshape(block_k, n)
+            if f32:
+                kf = c.astype(jnp.float32) * ks + km
+            elif kivi_block == 2:     # 16-bit arithmetic: code (exact) * scale + min
+                codes, bias = _small_codes(c, cd)
+                kf = (codes - jnp.asarray(bias, cd)) * ks.astype(cd) + km.astype(cd)
+            else:
+                codes, bias = _small_codes(c, jnp.bfloat16)      # exact 128 + code
+                kf = (codes.astype(jnp.float32) - bias) * ks + km
+            sp = _dot(qp[p].astype(cd), kf.astype(cd), f32)
+            s = sp if s is None else s + sp
+        idx = start + off + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+        s = jnp.where(idx < length, s, -jnp.inf)
+        return _online_update(carry, s, lambda prob: kivi_values(off, block_k, prob))
+
+    def kivi_values(off, rows, prob):
+        """``acc[tile] += (prob * v_scale) @ codes + prob . v_min`` over ``rows`` tokens."""
+        out = []
+        chunks = [vc_ref[pl.ds(off, rows), pl.ds(j * cw, cw)].astype(jnp.uint16)
+                  for j in range(n_chunks)]
+        for p, j in tiles:
+            vgrp = 0 if gv >= d else (p * n + j * cw) // gv
+            vs = vs_ref[pl.ds(off, rows), vgrp].astype(jnp.float32)
+            vm = vm_ref[pl.ds(off, rows), vgrp].astype(jnp.float32)
+            codes, bias = codes_of(chunks[j], p)
+            pw = (prob * vs[None, :]).astype(cd)
+            t = _dot_nn(pw, codes, f32)
+            if not f32:
+                t = t - bias * jnp.sum(pw.astype(jnp.float32), axis=1, keepdims=True)
+            out.append(t + jnp.sum(prob * vm[None, :], axis=1, keepdims=True))
+        return out
 
     def body(i, carry):
         off = i * block_k
         if kind != "kivi":
             return dense_step(off, carry)
+        if kivi_block:
+            return kivi_block_step(off, carry)
         for u in range(block_k // G):
             carry = kivi_group(off + u * G, carry)
         return carry
@@ -268,6 +317,9 @@ def _cache_operands(cache, cfg):
     if isinstance(cache, F.Int8KV):
         return ([cache.k_q, cache.v_q, cache.k_scale, cache.v_scale],
                 [row(d), row(d), vec, vec], "int8", None)
+    if isinstance(cache, F.SparseKV):
+        return ([cache.k_bitmap, cache.k_values, cache.v_bitmap, cache.v_values],
+                [row(d // 8), row(cache.keep), row(d // 8), row(cache.keep)], "sparse", None)
     n = d * cache.bits // 8
     G = cache.group_size
     nvg = cache.v_scale.shape[-1]
@@ -298,7 +350,8 @@ def decode_attention_triton(q, cache, lengths, *, scale, config: DecodeConfig,
     P = cfg.num_splits
     S = cap // P
     kernel = functools.partial(_kernel, kind=kind, block_k=cfg.block_k, split_len=S,
-                               sm_scale=float(scale), f32=f32, cd=cd, meta=meta)
+                               sm_scale=float(scale), f32=f32, cd=cd, meta=meta,
+                               kivi_block=cfg.kivi_block)
     acc, m, l = pl.pallas_call(
         kernel,
         grid=(b, kvh, P),

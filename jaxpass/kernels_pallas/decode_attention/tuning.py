@@ -56,15 +56,23 @@ def default_config(cache, groups: int) -> DecodeConfig:
     # block_k 64..256 and 8..32 splits; 64 tokens, 32 splits, 3 stages was fastest.
     block_k = 64
     if cache.kind == "kivi":
-        block_k = max(block_k, cache.group_size)
+        # 2026-11-23 H100 sweep at 32K: the block-dequantizing KIVI variant with 128 tokens per
+        # step (kivi_block=1) ran KIVI-4 in 285 us against 839 us for the per-group one.
+        block_k = max(128, cache.group_size)
+    elif cache.kind == "sparse":
+        # 2026-11-23 H100 sweep at 32K: 32-token steps 4.7 ms, 64-token steps 37 ms (the
+        # [block_k, d] index tiles of the bitmap decode spill registers)
+        block_k = 32
     while block_k > 16 and cap % block_k:
         block_k //= 2
     splits = 1
     while (b * kvh * splits * 2 <= TARGET_PROGRAMS and cap % (splits * 2 * block_k) == 0
            and cap // (splits * 2) >= 4 * block_k):
         splits *= 2
+    kivi = cache.kind == "kivi"
     return DecodeConfig(block_k=block_k, num_splits=splits, num_warps=4,
-                        num_stages=2 if cache.kind == "kivi" else 3)
+                        num_stages=2 if kivi else 3,
+                        kivi_block=int(kivi and block_k % cache.group_size == 0))
 
 
 def tpu_default_config(cache) -> DecodeConfig:

@@ -17,7 +17,18 @@ PREFILL_M = (128, 1024, 4096)
 ALL_M = DECODE_M + PREFILL_M
 
 # Weight formats benchmarked: (bits, group_size or None for per-channel, symmetric).
+# SmolLM2-135M projections (hidden 576, 9 query / 3 KV heads of 64, MLP 1536, vocab 49152):
+# small enough that launch and reduction overheads, not bytes, decide (docs/decode_e2e.md).
+SMOLLM2_KN = (
+    ("smol_q_o", 576, 576),
+    ("smol_kv", 576, 192),
+    ("smol_gate_up", 576, 1536),
+    ("smol_down", 1536, 576),
+    ("smol_lm_head", 576, 49152),
+)
+
 FORMATS = {
     "int4_g128_sym": (4, 128, True),
+    "int4_g64_sym": (4, 64, True),     # SmolLM2: 576 is not a multiple of 128
     "int8_pc_sym": (8, None, True),
 }

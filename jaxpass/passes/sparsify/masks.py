@@ -30,6 +30,14 @@ class Pattern:
 
     n: int | None = None
     m: int | None = None
+    #: ``"channels"`` / ``"heads"``: whole channels or attention heads removed (structured; see
+    #: :mod:`.structured`).
+    channels: bool = False
+    heads: bool = False
+
+    @property
+    def structured(self) -> bool:
+        return self.channels or self.heads
 
     @property
     def is_nm(self) -> bool:
@@ -40,15 +48,21 @@ class Pattern:
         return 1 - self.n / self.m if self.is_nm else float("nan")
 
     def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
+        if self.is_nm:
+            return f"{self.n}:{self.m}"
+        return "channels" if self.channels else "heads" if self.heads else "unstructured"
 
 
 def parse_pattern(pattern: str) -> Pattern:
     if pattern == "unstructured":
         return Pattern()
+    if pattern == "channels":
+        return Pattern(channels=True)
+    if pattern == "heads":
+        return Pattern(heads=True)
     m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
     if not m or not 0 < int(m.group(1)) < int(m.group(2)):
-        raise PassError(f"Sparsify(pattern={pattern!r}): use 'unstructured' or 'N:M' with "
+        raise PassError(f"Sparsify(pattern={pattern!r}): use 'unstructured', 'channels', 'heads' or 'N:M' with "
                         "0 < N < M, e.g. '2:4', '4:8' or '1:4' (N weights kept of every M)")
     return Pattern(int(m.group(1)), int(m.group(2)))
 

@@ -19,11 +19,15 @@ from jaxpass.core.pass_api import ORDER_SPARSIFY, PassError, PassResult
 from jaxpass.core.patterns import PathRule, matmul_weights
 from jaxpass.core.report import ParamChange, PassReport
 from jaxpass.core.values import leaf_nbytes
+from jaxpass.passes.quantize.matmul import dot_general_rule
+from jaxpass.passes.quantize.qarray import STORAGE_BITS, QArray, quantize
 from jaxpass.passes.sparsify import masks
-from jaxpass.passes.sparsify.sparsegpt import block_size, sparsegpt_prune
+from jaxpass.passes.sparsify.structured import prune_channels
+from jaxpass.passes.sparsify.sparsegpt import prune_weight
 from jaxpass.passes.sparsify.values import MaskedWeight, SparseArray
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "flap")   # "flap": pattern="channels" only
+JOINT_FORMATS = ("int8", "int4", "int3", "int2")   # symmetric integer grids: 0 is code 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +66,23 @@ class Sparsify:
         divides the contracting dimension) and Hessian damping (fraction of its mean diagonal).
       straight_through: training only: gradients reach pruned weights (SR-STE); default True
         for N:M, False (masked gradient, for gradual magnitude pruning) for unstructured.
+      quantize / group_size / symmetric: SparseGPT only, the paper's joint mode: quantize the
+        kept weights during the sweep ("int8", "int4", "int3", "int2"; ``group_size`` rows per
+        scale along the contracting axis, None for one per output channel), so each row's
+        pruning *and* rounding error is compensated by the rows after it. The weight becomes a
+        ``SparseArray`` holding the same ``QArray`` that ``[Sparsify, Quantize]`` produces (zeros
+        kept as code 0); a later ``Quantize`` of it is refused. Symmetric only: an asymmetric
+        grid's float zero point does not map 0 to 0, so pruned weights would not stay zero.
       include / exclude: regular expressions on parameter paths (``jax.tree_util.keystr``).
       allow_unmatched: do not raise when an ``include`` pattern matches no weight.
+      compensate: ``pattern="channels"`` only (FLAP): add the pruned channels' mean
+        contribution to each consuming matmul's output as a bias (needs ``calibration_data``).
+
+    ``pattern="channels"`` (structured): whole channels of every *channel group* (matmuls whose
+    outputs meet only in elementwise ops and are only contracted by other matmuls, e.g. an MLP's
+    gate/up columns and down rows) are removed, so the weights really shrink; ``sparsity`` is the
+    fraction of each group's channels removed, scored by "magnitude" or "wanda" (see
+    :mod:`jaxpass.passes.sparsify.structured`).
     """
 
     pattern: str = "unstructured"
@@ -76,6 +95,10 @@ class Sparsify:
     blocksize: int = 128
     damp: float = 0.01
     straight_through: bool | None = None
+    quantize: str | None = None
+    group_size: int | None = None
+    symmetric: bool = True
+    compensate: bool = False
 
     order: ClassVar[int] = ORDER_SPARSIFY
 
@@ -94,12 +117,49 @@ class Sparsify:
             raise PassError(f"Sparsify(method={self.method!r}): implemented methods are {METHODS}")
         if self.scope not in ("layer", "global"):
             raise PassError(f"Sparsify(scope={self.scope!r}): use 'layer' or 'global'")
-        if self.scope == "global" and (pat.is_nm or self.method != "magnitude"):
+        if self.scope == "global" and (pat.is_nm or pat.structured or self.method != "magnitude"):
             raise PassError("Sparsify(scope='global') applies to method='magnitude' with "
                             f"pattern='unstructured', not method={self.method!r}, "
                             f"pattern={self.pattern!r}")
         if not isinstance(self.blocksize, int) or self.blocksize < 1:
             raise PassError(f"Sparsify(blocksize={self.blocksize!r}): a positive int, e.g. 128")
+        if pat.structured and self.method not in ("magnitude", "wanda", "flap"):
+            raise PassError(f"Sparsify(pattern={self.pattern!r}, method={self.method!r}): "
+                            "channels and heads are scored by 'magnitude', 'wanda' (Wanda-sp) "
+                            "or 'flap'")
+        if self.method == "flap" and not pat.structured:
+            raise PassError("Sparsify(method='flap') scores whole channels: use "
+                            "pattern='channels' or 'heads'")
+        if self.compensate and not pat.structured:
+            raise PassError("Sparsify(compensate=True) is FLAP's bias compensation for "
+                            "pattern='channels' / 'heads'; the other patterns keep every channel")
+        self._check_joint()
+
+    def _check_joint(self) -> None:
+        """``quantize=`` is SparseGPT's joint mode: validate it and its companions."""
+        g = self.group_size
+        if self.quantize is None:
+            if g is not None or self.symmetric is not True:
+                raise PassError(f"Sparsify(group_size={g!r}, symmetric={self.symmetric!r}) "
+                                "configure joint quantization; set quantize='int4' (or 'int8', ...)"
+                                " or drop them")
+            return
+        if self.quantize not in JOINT_FORMATS:
+            raise PassError(f"Sparsify(quantize={self.quantize!r}): joint SparseGPT quantizes to "
+                            f"symmetric integer grids {JOINT_FORMATS}; for other formats use "
+                            "[Sparsify(...), Quantize(weights=...)]")
+        if self.method != "sparsegpt":
+            raise PassError(f"Sparsify(quantize={self.quantize!r}, method={self.method!r}): joint "
+                            "quantization is part of SparseGPT's error-compensating sweep; use "
+                            "method='sparsegpt', or [Sparsify(method=" f"{self.method!r}), "
+                            "Quantize(...)] to quantize after pruning")
+        if self.symmetric is not True:
+            raise PassError(f"Sparsify(quantize={self.quantize!r}, symmetric={self.symmetric!r}): "
+                            "pruned weights must stay exactly zero, and an asymmetric grid (float "
+                            "zero point) has no code whose value is 0; use symmetric=True")
+        if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1):
+            raise PassError(f"Sparsify(group_size={g!r}): None (one scale per output channel) or "
+                            "a positive int such as 64 or 128")
 
     # -- configuration -------------------------------------------------------------------------
     @property
@@ -115,16 +175,22 @@ class Sparsify:
 
     def _config(self) -> str:
         rule = PathRule(self.include, self.exclude)
+        joint = "" if self.quantize is None else (
+            f", quantize={self.quantize!r} " + ("per-channel" if self.group_size is None
+                                                else f"group_size={self.group_size}"))
         return (f"pattern={self.pattern!r}, sparsity={self.target_sparsity:g}, "
                 f"method={self.method!r}" + (f", scope={self.scope!r}" if self.scope != "layer" else "")
-                + f", {rule.describe()}")
+                + joint + f", {rule.describe()}")
 
     # -- the pass --------------------------------------------------------------------------------
     def run(self, program) -> PassResult:
+        if self.pattern_spec.structured:
+            return prune_channels(self, program)
         rule = PathRule(self.include, self.exclude)
         report = PassReport("Sparsify", self._config())
         pat = self.pattern_spec
-        if self.method in ("wanda", "sparsegpt") and not program.calibration_data:
+        if (self.method in ("wanda", "sparsegpt") and not program.calibration_data
+                and program.params_are_concrete):   # abstract (jaxpass.load): structure only
             raise PassError(f"Sparsify(method={self.method!r}) needs calibration data (activation "
                             "statistics of each weight's inputs): transform(..., "
                             "calibration_data=[(x1,), (x2,), ...])")
@@ -141,6 +207,8 @@ class Sparsify:
 
         if not targets:
             raise PassError(self._nothing_matched(program, rule, uses_by_param))
+        if self.quantize is not None:
+            self._check_joint_targets(program, targets, leaves)
         if not program.params_are_concrete:
             report.notes.append("abstract params: structure only, no weights pruned")
             pruned = {p: None for p in targets}
@@ -169,18 +237,54 @@ class Sparsify:
                     weight = w.astype(leaf.dtype)
                 value = MaskedWeight(weight, mask, str(pat), self.target_sparsity,
                                      -2 if k_neg is None else k_neg, leaf.ndim - t.n_layer_axes, st, path)
+            elif self.quantize is not None:   # joint SparseGPT: w is the QArray (abstract: None)
+                q = w if w is not None else self._abstract_qarray(leaf, t.k_axis, path)
+                value = SparseArray(q, str(pat), k_neg, path)
             else:
                 value = SparseArray(leaf if w is None else w.astype(leaf.dtype), str(pat), k_neg, path)
             replacements[path] = value
+            if isinstance(w, QArray):
+                w = w.materialize()
             achieved = "" if w is None else f", {masks.achieved_sparsity(w):.1%} zeros"
             report.changed.append(ParamChange(path, f"{jnp.dtype(leaf.dtype).name}{list(leaf.shape)}",
                                               value.describe() + achieved, leaf_nbytes(leaf),
                                               leaf_nbytes(value)))
-        if not train:
+        if not train and self.quantize is None:
             report.notes.append("pruned weights are stored dense with zeros in place (same bytes); "
                                 "Quantize keeps the zeros (symmetric formats), LowerToPallas packs them")
+        elif not train:
+            report.notes.append(f"weights stored as {self.quantize} codes with the pruned ones as code 0 "
+                                "(the QArray a Quantize pass would make); no further Quantize applies")
         rules = Rules({"dot_general": _dot_rule}, structured_only=frozenset({"dot_general"}))
         return PassResult(replacements, rules, report, tolerance=None)
+
+    def _check_joint_targets(self, program, targets, leaves) -> None:
+        """Joint quantization: inference mode, and shapes its grid and packing accept."""
+        if program.mode == "train":
+            raise PassError(f"Sparsify(quantize={self.quantize!r}) is one-shot (inference): with "
+                            "mode='train' prune with Sparsify(...) and Quantize(...) separately, "
+                            "then t.finalize(params, passes=[Sparsify(..., quantize=...)], "
+                            "calibration_data=...)")
+        per = 8 // STORAGE_BITS.get(self.quantize, 8)
+        for path, t in targets.items():
+            shape = tuple(leaves[path].shape)
+            k = shape[t.k_axis]
+            if self.group_size is not None and k % self.group_size:
+                ok = [g for g in (32, 64, 128, 256) if k % g == 0]
+                raise PassError(f"Sparsify(quantize={self.quantize!r}, group_size={self.group_size}):"
+                                f" {path} has contracting dimension {k} (axis {t.k_axis} of {shape}), "
+                                f"not divisible by {self.group_size}; group sizes that divide it: "
+                                f"{ok} (or exclude it)")
+            if k % per:
+                raise PassError(f"Sparsify(quantize={self.quantize!r}): {path} has contracting "
+                                f"dimension {k} (axis {t.k_axis} of {shape}); {self.quantize} codes "
+                                f"are packed {per} per byte along it. Exclude it.")
+
+    def _abstract_qarray(self, leaf, k_axis, path):
+        """The joint result's structure for abstract params (what Quantize would build)."""
+        return jax.eval_shape(lambda w: quantize(w, (k_axis,), fmt=self.quantize,
+                                                 group_size=self.group_size, source=path + ".value"),
+                              jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
 
     def _target(self, path, leaf, uses, report) -> _Target | None:
         contract = frozenset().union(*(u.contracting_axes for u in uses))
@@ -286,6 +390,12 @@ class Sparsify:
         n = collect_matmul_inputs(program, todo, on_rows, progress="SparseGPT: calibration")
         pat = self.pattern_spec
         report.notes.append(f"SparseGPT: Hessians from {n} calibration samples (damp={self.damp})")
+        if self.quantize is not None:
+            report.notes.append(f"SparseGPT joint quantization: kept weights rounded to symmetric "
+                                f"{self.quantize} during the sweep (scales "
+                                + ("per output channel, from the starting weight" if self.group_size is None
+                                   else f"per {self.group_size} rows, from the updated weights")
+                                + "); pruning and rounding errors both compensated")
         for path, t in track(list(todo.items()), description="SparseGPT: pruning", transient=True):
             w = jnp.asarray(program.param(path))
             keys = [()] if t.n_layer_axes == 0 else [(l,) for l in range(w.shape[0])]
@@ -293,18 +403,17 @@ class Sparsify:
                 report.notes.append(f"{path}: no activations reached (every layer of) it; pruned by magnitude")
                 out[path] = w * self._mask(jnp.abs(w), t).astype(w.dtype)
                 continue
-            k_local = t.k_axis - t.n_layer_axes
-            block = block_size(w.shape[t.k_axis], self.blocksize)
-            layers = []
-            for key in keys:
-                wl = w[key] if key else w
-                h, c = stats[(path, key)]
-                wk = jnp.moveaxis(wl, k_local, 0)
-                res = sparsegpt_prune(wk.reshape(wk.shape[0], -1), h / max(c, 1),
-                                      sparsity=self.target_sparsity, n=pat.n, m=pat.m, block=block,
-                                      damp=self.damp)
-                layers.append(jnp.moveaxis(res.reshape(wk.shape), 0, k_local))
-            out[path] = (jnp.stack(layers) if t.n_layer_axes else layers[0]).astype(w.dtype)
+            hess = {key: stats[(path, key)][0] / max(stats[(path, key)][1], 1) for key in keys}
+            out[path] = prune_weight(w, hess, t.k_axis, t.n_layer_axes, sparsity=self.target_sparsity,
+                                     n=pat.n, m=pat.m, blocksize=self.blocksize, damp=self.damp,
+                                     fmt=self.quantize, group_size=self.group_size,
+                                     source=path + ".value")
+        if self.quantize is not None:
+            for path, w in out.items():
+                if not isinstance(w, QArray):  # magnitude fallback: round to nearest after
+                    report.notes.append(f"{path}: pruned by magnitude, then quantized round-to-nearest")
+                    out[path] = quantize(w, (targets[path].k_axis,), fmt=self.quantize,
+                                         group_size=self.group_size, source=path + ".value")
         return out
 
     def _nothing_matched(self, program, rule, uses_by_param) -> str:
@@ -321,9 +430,15 @@ class Sparsify:
 def _dot_rule(ctx, eqn, invals):
     """A matmul on a sparse weight: the dense (pruned) value feeds the unchanged dot_general, so
     a later pass still sees a matmul on the parameter leaf ``['w'].value``; a masked training
-    weight feeds its masked value (with the straight-through gradient where configured)."""
+    weight feeds its masked value (with the straight-through gradient where configured). A
+    jointly quantized sparse weight (its value a QArray) becomes the same
+    ``quantized_dot_general`` that ``Quantize`` emits, so later passes treat both alike."""
     if not any(isinstance(v, (SparseArray, MaskedWeight)) for v in invals):
         return NotImplemented
+    if any(isinstance(v, SparseArray) and isinstance(v.value, QArray) for v in invals):
+        inner = [v.value if isinstance(v, SparseArray) and isinstance(v.value, QArray) else v
+                 for v in invals]
+        return dot_general_rule(ctx, eqn, inner)
     vals = []
     for v in invals:
         if isinstance(v, SparseArray):

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxpass.core.values import StructuredValue, TrainableValue, is_structured, materialize
+from jaxpass.core.values import TrainableValue, ValueBacked, is_structured, materialize
 
 
 def layout_array(x, name: str, params: dict, index_operands):
@@ -60,7 +60,7 @@ def _moved_axis(name, params, axis, ndim):
 
 
 @dataclasses.dataclass
-class SparseArray(StructuredValue):
+class SparseArray(ValueBacked):
     """A pruned weight with zeros in place (``value``: an array, or a QArray after Quantize).
 
     ``pattern`` is "unstructured" or "N:M"; ``k_axis`` (negative) is the contracting axis the N:M
@@ -73,14 +73,6 @@ class SparseArray(StructuredValue):
     source: str = ""
 
     format_name = "sparse"
-
-    @property
-    def shape(self):
-        return tuple(self.value.shape)
-
-    @property
-    def dtype(self):
-        return self.value.dtype
 
     def describe(self) -> str:
         inner = (self.value.describe() if hasattr(self.value, "describe")
