@@ -37,6 +37,9 @@ RECIPES = {
     "w4": [passes.Quantize(weights="int4", group_size=128, exclude=EMBED)],
     "w4+lower": [passes.Quantize(weights="int4", group_size=128, exclude=EMBED),
                  passes.LowerToPallas()],
+    # structured pruning: 25% of each MLP's channels / of each layer's KV-head groups removed
+    "ch25": [passes.Sparsify(pattern="channels", sparsity=0.25, exclude=EMBED)],
+    "heads25": [passes.Sparsify(pattern="heads", sparsity=0.25, exclude=EMBED)],
 }
 
 

@@ -178,23 +178,14 @@ def quantized_matmul_gemv(x: jax.Array, pw: PackedWeight, *, config: GemvConfig 
     w32 = as_words(pw) if words is None else words
     if w32.shape != (pw.n, kw) or w32.dtype != jnp.uint32:
         raise ValueError(f"words must be uint32 {(pw.n, kw)}, got {w32.dtype} {w32.shape}")
-    grid = (pl.cdiv(pw.n, cfg.block_n),) + ((split,) if split > 1 else ())
-    out_shape = (jax.ShapeDtypeStruct((split, m, pw.n), jnp.float32) if split > 1
-                 else jax.ShapeDtypeStruct((m, pw.n), x.dtype))
     kernel = functools.partial(
         _gemv_kernel, m=m, n=pw.n, kw=kw, bits=pw.bits,
         sub=float(layout.code_bias(pw) if pw.bits == 4 else 128), gwords=pw.group_size // vpw,
         num_groups=pw.num_groups, has_zeros=pw.zeros is not None, bn=cfg.block_n, bw=bw,
         steps=steps, split=split, mask_k=mask_k, prefetch=cfg.num_stages >= 2, x_dtype=x.dtype)
     args = [xp, w32, pw.scales] + ([pw.zeros] if pw.zeros is not None else [])
-    out = pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=grid,
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
-        interpret=interpret,
-        name=f"jaxpass_gemv_{pw.format}",
-    )(*args)
-    if split > 1:
-        out = out.sum(axis=0).astype(x.dtype)
+    out = triton_common.split_k_call(
+        kernel, args, grid=(pl.cdiv(pw.n, cfg.block_n),), split=split, m=m, n=pw.n,
+        out_dtype=x.dtype, num_warps=cfg.num_warps, name=f"jaxpass_gemv_{pw.format}",
+        interpret=interpret)
     return out.reshape(*lead, pw.n)

@@ -7,12 +7,17 @@
   so int4 kernels read them contiguously and split them with two integer ops.
 * The decode kernels are bound by memory latency: ``prefetched_loop`` issues the loads of step
   ``i + 1`` before the arithmetic of step ``i``, doubling the bytes each program has in flight.
+* Split-K (``split_k_call``): ``split`` programs per output tile each write an f32 partial; the
+  partials are summed outside the kernel. Used by these kernels and the sparse-matmul ones.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 F32_MAGIC = 0x4B000000  # f32 bits of 2**23: OR-ing an integer c < 2**23 into it gives 2**23 + c
 BF16_MAGIC = 0x4300     # bf16 bits of 128.0: OR-ing c < 128 into it gives 128 + c
@@ -60,3 +65,23 @@ def rows_of(x, pw, why: str | None):
         raise ValueError(why)
     x2 = x.reshape(-1, pw.k)
     return x.shape[:-1], x2, x2.shape[0]
+
+
+def split_k_call(kernel, args, *, grid, split: int, m: int, n: int, out_dtype, num_warps: int,
+                 num_stages: int = 1, name: str, interpret: bool):
+    """``pallas_call`` of a ``[M, N]`` matmul kernel over ``grid``; with ``split > 1`` a last grid
+    axis of K splits writes f32 partials ``[split, M, N]``, summed here. Returns ``[M, N]`` in
+    ``out_dtype``."""
+    if split > 1:
+        grid, out_shape = tuple(grid) + (split,), jax.ShapeDtypeStruct((split, m, n), jnp.float32)
+    else:
+        out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=tuple(grid),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=name,
+    )(*args)
+    return out.sum(axis=0).astype(out_dtype) if split > 1 else out

@@ -161,19 +161,9 @@ def bitmap_matmul_triton(x, pb: PackedBitmap, *, config: BitmapConfig | None = N
     steps = kw // pb.block_words // split
     kernel = functools.partial(_kernel, m=m, n=pb.n, bm=cfg.block_m, bn=cfg.block_n, bw=pb.block_words,
                                steps=steps, split=split, prefetch=cfg.num_stages >= 2, x_dtype=x.dtype)
-    grid = (pl.cdiv(pb.n, cfg.block_n), pl.cdiv(m, cfg.block_m))
-    if split > 1:
-        grid, out_shape = grid + (split,), jax.ShapeDtypeStruct((split, m, pb.n), jnp.float32)
-    else:
-        out_shape = jax.ShapeDtypeStruct((m, pb.n), x.dtype)
-    out = pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=grid,
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
-        interpret=interpret,
-        name="jaxpass_bitmap_matmul",
-    )(x32, pb.words, pb.values, pb.offsets)
-    if split > 1:
-        out = out.sum(axis=0).astype(x.dtype)
+    out = triton_common.split_k_call(
+        kernel, (x32, pb.words, pb.values, pb.offsets),
+        grid=(pl.cdiv(pb.n, cfg.block_n), pl.cdiv(m, cfg.block_m)), split=split, m=m, n=pb.n,
+        out_dtype=x.dtype, num_warps=cfg.num_warps, name="jaxpass_bitmap_matmul",
+        interpret=interpret)
     return out.reshape(*lead, pb.n)

@@ -173,19 +173,9 @@ def int4_24_matmul_triton(x, pw: PackedInt424, *, config: Int424Config | None = 
     kernel = functools.partial(_kernel, m=m, n=pw.n, k=pw.k, gsize=pw.group_size, bm=cfg.block_m,
                                bn=cfg.block_n, groups=cfg.groups, steps=steps, split=split,
                                prefetch=cfg.num_stages >= 2, x_dtype=x.dtype)
-    grid = (pl.cdiv(pw.n, cfg.block_n), pl.cdiv(m, cfg.block_m))
-    if split > 1:
-        grid, out_shape = grid + (split,), jax.ShapeDtypeStruct((split, m, pw.n), jnp.float32)
-    else:
-        out_shape = jax.ShapeDtypeStruct((m, pw.n), x.dtype)
-    out = pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=grid,
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
-        interpret=interpret,
-        name="jaxpass_int4_24_matmul",
-    )(x4, pw.codes, pw.meta, pw.scales)
-    if split > 1:
-        out = out.sum(axis=0).astype(x.dtype)
+    out = triton_common.split_k_call(
+        kernel, (x4, pw.codes, pw.meta, pw.scales),
+        grid=(pl.cdiv(pw.n, cfg.block_n), pl.cdiv(m, cfg.block_m)), split=split, m=m, n=pw.n,
+        out_dtype=x.dtype, num_warps=cfg.num_warps, name="jaxpass_int4_24_matmul",
+        interpret=interpret)
     return out.reshape(*lead, pw.n)

@@ -29,6 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from jaxpass.kernels_pallas.quantized_matmul import triton_common
 from jaxpass.kernels_pallas.sparse_matmul.layout import Packed24
 
 
@@ -154,19 +155,9 @@ def sparse_matmul_triton(x, pw: Packed24, *, config: SparseConfig | None = None,
     steps = pw.k // 8 // cfg.groups // split
     kernel = functools.partial(_kernel, m=m, n=pw.n, k=pw.k, bm=cfg.block_m, bn=cfg.block_n,
                                groups=cfg.groups, steps=steps, split=split, x_dtype=x.dtype)
-    grid = (pl.cdiv(pw.n, cfg.block_n), pl.cdiv(m, cfg.block_m))
-    if split > 1:
-        grid, out_shape = grid + (split,), jax.ShapeDtypeStruct((split, m, pw.n), jnp.float32)
-    else:
-        out_shape = jax.ShapeDtypeStruct((m, pw.n), x.dtype)
-    out = pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=grid,
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-        interpret=interpret,
-        name="jaxpass_sparse24_matmul",
-    )(x4, pw.v0, pw.v1, pw.meta)
-    if split > 1:
-        out = out.sum(axis=0).astype(x.dtype)
+    out = triton_common.split_k_call(
+        kernel, (x4, pw.v0, pw.v1, pw.meta),
+        grid=(pl.cdiv(pw.n, cfg.block_n), pl.cdiv(m, cfg.block_m)), split=split, m=m, n=pw.n,
+        out_dtype=x.dtype, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        name="jaxpass_sparse24_matmul", interpret=interpret)
     return out.reshape(*lead, pw.n)
