@@ -56,6 +56,18 @@ def prefetched_loop(steps, load, compute, acc0, prefetch: bool):
     return acc
 
 
+def is_pow2(v: int) -> bool:
+    return v > 0 and (v & (v - 1)) == 0
+
+
+def row_count(x_shape) -> int:
+    """M of an ``x[..., K]`` activation: the product of its leading dimensions."""
+    m = 1
+    for d in x_shape[:-1]:
+        m *= int(d)
+    return m
+
+
 def rows_of(x, pw, why: str | None):
     """Checks ``x[..., K]`` against the weight (and a config check's verdict ``why``) and
     returns ``(leading shape, x as [M, K], M)``; raises ValueError naming the problem."""

@@ -51,25 +51,14 @@ class BitmapConfig:
     split_k: int = 1          # K splits (more programs in flight); f32 partials summed by XLA
 
 
-def _is_pow2(v: int) -> bool:
-    return v > 0 and (v & (v - 1)) == 0
-
-
-def _rows(x_shape) -> int:
-    m = 1
-    for d in x_shape[:-1]:
-        m *= int(d)
-    return m
-
-
 def check_config(x_shape, x_dtype, pb: PackedBitmap, cfg: BitmapConfig) -> str | None:
     """Why ``cfg`` cannot run this problem (a message), or None."""
-    if not _is_pow2(cfg.block_n) or cfg.block_n < 16:
+    if not triton_common.is_pow2(cfg.block_n) or cfg.block_n < 16:
         return f"block_n={cfg.block_n} must be a power of two >= 16"
     blocks = pb.k // (32 * pb.block_words)
     if cfg.split_k < 1 or blocks % cfg.split_k:
         return f"split_k={cfg.split_k} does not divide the {blocks} K blocks (K={pb.k}, block_words={pb.block_words})"
-    if not _is_pow2(cfg.block_m) or cfg.block_m > 64 or MAX_GEMV_ROWS < cfg.block_m < 16:
+    if not triton_common.is_pow2(cfg.block_m) or cfg.block_m > 64 or MAX_GEMV_ROWS < cfg.block_m < 16:
         return f"block_m={cfg.block_m}: a power of two <= {MAX_GEMV_ROWS} (row GEMV) or 16..64 (dots)"
     if cfg.block_m >= 16 and pb.block_words < 16:
         return f"block_m={cfg.block_m} uses tensor-core dots, which need block_words >= 16 (got {pb.block_words})"
@@ -152,7 +141,7 @@ def _kernel(x_ref, words_ref, values_ref, off_ref, o_ref, *, m, n, bm, bn, bw, s
 def bitmap_matmul_triton(x, pb: PackedBitmap, *, config: BitmapConfig | None = None, interpret: bool = False):
     """``x[..., K] @ W`` for a ``PackedBitmap`` weight with the Pallas Triton kernel (y in x's
     dtype, f32 accumulation). Raises ValueError when :func:`check_config` rejects the problem."""
-    cfg = config or default_config(_rows(x.shape), pb)
+    cfg = config or default_config(triton_common.row_count(x.shape), pb)
     why = check_config(x.shape, x.dtype, pb, cfg)
     lead, x2, m = triton_common.rows_of(x, pb, why and f"bitmap_matmul_triton: config {cfg}: {why}")
     kw = pb.k // 32

@@ -43,22 +43,11 @@ class Int424Config:
     split_k: int = 1
 
 
-def _is_pow2(v: int) -> bool:
-    return v > 0 and (v & (v - 1)) == 0
-
-
-def _rows(x_shape) -> int:
-    m = 1
-    for d in x_shape[:-1]:
-        m *= int(d)
-    return m
-
-
 def check_config(x_shape, x_dtype, pw: PackedInt424, cfg: Int424Config) -> str | None:
     """Why ``cfg`` cannot run this problem (a message), or None."""
-    if not _is_pow2(cfg.block_n) or cfg.block_n < 16:
+    if not triton_common.is_pow2(cfg.block_n) or cfg.block_n < 16:
         return f"block_n={cfg.block_n} must be a power of two >= 16"
-    if not _is_pow2(cfg.groups) or cfg.groups < 16:
+    if not triton_common.is_pow2(cfg.groups) or cfg.groups < 16:
         return f"groups={cfg.groups} must be a power of two >= 16"
     if (pw.k // 8) % cfg.groups:
         return f"K={pw.k}: K/8={pw.k // 8} is not a multiple of groups={cfg.groups}"
@@ -68,7 +57,7 @@ def check_config(x_shape, x_dtype, pw: PackedInt424, cfg: Int424Config) -> str |
     steps = pw.k // 8 // cfg.groups
     if cfg.split_k < 1 or steps % cfg.split_k:
         return f"split_k={cfg.split_k} does not divide the {steps} K steps (K={pw.k}, groups={cfg.groups})"
-    if not _is_pow2(cfg.block_m) or cfg.block_m > 64 or 8 < cfg.block_m < 16:
+    if not triton_common.is_pow2(cfg.block_m) or cfg.block_m > 64 or 8 < cfg.block_m < 16:
         return f"block_m={cfg.block_m}: a power of two <= 8 (row-reduce) or 16..64 (dots)"
     if jnp.dtype(x_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
         return f"x dtype {jnp.dtype(x_dtype).name} is not bf16/f16/f32"
@@ -164,7 +153,7 @@ def int4_24_matmul_triton(x, pw: PackedInt424, *, config: Int424Config | None = 
                           interpret: bool = False):
     """``x[..., K] @ W`` for a ``PackedInt424`` weight with the Pallas Triton kernel (y in x's
     dtype, f32 accumulation). Raises ValueError when :func:`check_config` rejects the problem."""
-    cfg = config or default_config(_rows(x.shape), pw)
+    cfg = config or default_config(triton_common.row_count(x.shape), pw)
     why = check_config(x.shape, x.dtype, pw, cfg)
     lead, x2, m = triton_common.rows_of(x, pw, why and f"int4_24_matmul_triton: config {cfg}: {why}")
     x4 = x2.reshape(m, pw.k // 4, 4).transpose(2, 0, 1)          # [4, M, K/4]

@@ -43,22 +43,18 @@ class SparseConfig:
     split_k: int = 1          # K splits (more programs in flight); f32 partials summed by XLA
 
 
-def _is_pow2(v: int) -> bool:
-    return v > 0 and (v & (v - 1)) == 0
-
-
 def check_config(x_shape, x_dtype, pw: Packed24, cfg: SparseConfig) -> str | None:
     """Why ``cfg`` cannot run this problem (a message), or None."""
-    if not _is_pow2(cfg.block_n) or cfg.block_n < 16:
+    if not triton_common.is_pow2(cfg.block_n) or cfg.block_n < 16:
         return f"block_n={cfg.block_n} must be a power of two >= 16"
-    if not _is_pow2(cfg.groups) or cfg.groups < 16:
+    if not triton_common.is_pow2(cfg.groups) or cfg.groups < 16:
         return f"groups={cfg.groups} must be a power of two >= 16"
     if (pw.k // 8) % cfg.groups:
         return f"K={pw.k}: K/8={pw.k // 8} is not a multiple of groups={cfg.groups}"
     if cfg.split_k < 1 or (pw.k // 8 // cfg.groups) % cfg.split_k:
         return (f"split_k={cfg.split_k} does not divide the {pw.k // 8 // cfg.groups} K steps "
                 f"(K={pw.k}, groups={cfg.groups})")
-    if not _is_pow2(cfg.block_m) or cfg.block_m > 64 or 8 < cfg.block_m < 16:
+    if not triton_common.is_pow2(cfg.block_m) or cfg.block_m > 64 or 8 < cfg.block_m < 16:
         return f"block_m={cfg.block_m}: a power of two <= 8 (row-reduce) or 16..64 (dots)"
     if jnp.dtype(x_dtype) not in (jnp.bfloat16, jnp.float16, jnp.float32):
         return f"x dtype {x_dtype} is not bf16/f16/f32"
