@@ -54,7 +54,7 @@ class Sparsify:
 
     Args:
       pattern: "unstructured" or "N:M" (``N`` kept of every ``M`` consecutive weights along the
-        contracting axis: "2:4", "4:8", "1:4").
+        contracting axis: "2:4", "4:8", "1:4"), or structured: "channels" / "heads" (below).
       sparsity: fraction of weights set to zero, in [0, 1). Default: 0.5 for unstructured,
         ``1 - N/M`` for N:M (any other value for N:M is refused).
       method: "magnitude" (smallest ``|w|``), "wanda" (smallest ``|w| * ||x||``, compared per
@@ -81,8 +81,9 @@ class Sparsify:
     ``pattern="channels"`` (structured): whole channels of every *channel group* (matmuls whose
     outputs meet only in elementwise ops and are only contracted by other matmuls, e.g. an MLP's
     gate/up columns and down rows) are removed, so the weights really shrink; ``sparsity`` is the
-    fraction of each group's channels removed, scored by "magnitude" or "wanda" (see
-    :mod:`jaxpass.passes.sparsify.structured`).
+    fraction of each group's channels removed, scored by "magnitude", "wanda" (Wanda-sp) or
+    "flap". ``pattern="heads"``: the same for attention heads, whole KV-head groups (a KV head
+    and the query heads that read it) at a time (see :mod:`jaxpass.passes.sparsify.structured`).
     """
 
     pattern: str = "unstructured"
