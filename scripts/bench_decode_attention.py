@@ -172,7 +172,11 @@ def main(argv=None):
     ap.add_argument("--contexts", default="32768,4096,131072")
     ap.add_argument("--formats", default="dense,int8,kivi4,kivi4b,kivi2,sparse")
     ap.add_argument("--budget_s", type=float, default=300.0)
+    ap.add_argument("--candidates", default="",
+                    help='JSON replacing CANDIDATES entries, e.g. \'{"int8": [[64, 32, 2, 3]]}\'')
     args = ap.parse_args(argv)
+    if args.candidates:
+        CANDIDATES.update({k: [tuple(c) for c in v] for k, v in json.loads(args.candidates).items()})
     t_start = time.time()
     import jax
     import jax.numpy as jnp
