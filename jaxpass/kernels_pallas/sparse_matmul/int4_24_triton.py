@@ -30,6 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxpass.kernels_pallas.quantized_matmul import triton_common
+from jaxpass.kernels_pallas.sparse_matmul import triton_24
 from jaxpass.kernels_pallas.sparse_matmul.int4_24_layout import PackedInt424
 
 
@@ -45,32 +46,15 @@ class Int424Config:
 
 def check_config(x_shape, x_dtype, pw: PackedInt424, cfg: Int424Config) -> str | None:
     """Why ``cfg`` cannot run this problem (a message), or None."""
-    if not triton_common.is_pow2(cfg.block_n) or cfg.block_n < 16:
-        return f"block_n={cfg.block_n} must be a power of two >= 16"
-    if not triton_common.is_pow2(cfg.groups) or cfg.groups < 16:
-        return f"groups={cfg.groups} must be a power of two >= 16"
-    if (pw.k // 8) % cfg.groups:
-        return f"K={pw.k}: K/8={pw.k // 8} is not a multiple of groups={cfg.groups}"
-    if pw.group_size % (4 * cfg.groups) or (pw.k // 2) % pw.group_size:
-        return (f"group_size={pw.group_size} must be a multiple of 4 * groups = {4 * cfg.groups} and "
-                f"divide K/2={pw.k // 2} (one scale row per half-step)")
-    steps = pw.k // 8 // cfg.groups
-    if cfg.split_k < 1 or steps % cfg.split_k:
-        return f"split_k={cfg.split_k} does not divide the {steps} K steps (K={pw.k}, groups={cfg.groups})"
-    if not triton_common.is_pow2(cfg.block_m) or cfg.block_m > 64 or 8 < cfg.block_m < 16:
-        return f"block_m={cfg.block_m}: a power of two <= 8 (row-reduce) or 16..64 (dots)"
-    if jnp.dtype(x_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
-        return f"x dtype {jnp.dtype(x_dtype).name} is not bf16/f16/f32"
-    return None
+    why = triton_24.check_tiles(x_dtype, pw.k, cfg)
+    if why is None and (pw.group_size % (4 * cfg.groups) or (pw.k // 2) % pw.group_size):
+        why = (f"group_size={pw.group_size} must be a multiple of 4 * groups = {4 * cfg.groups} "
+               f"and divide K/2={pw.k // 2} (one scale row per half-step)")
+    return why
 
 
 def default_config(m: int, pw: PackedInt424) -> Int424Config:
-    bm = 1 if m == 1 else (2 if m == 2 else (4 if m <= 4 else (8 if m <= 8 else 16)))
-    groups = 64
-    while groups > 16 and ((pw.k // 8) % groups or pw.group_size % (4 * groups)):
-        groups //= 2
-    steps = pw.k // 8 // groups
-    split = next((s for s in (4, 2) if steps % s == 0), 1)
+    bm, groups, split = triton_24.default_tiles(m, pw.k, lambda g: pw.group_size % (4 * g) == 0)
     return Int424Config(block_m=bm, block_n=32, groups=groups, num_warps=4, num_stages=2, split_k=split)
 
 
@@ -107,45 +91,20 @@ def _kernel(x_ref, codes_ref, meta_ref, s_ref, o_ref, *, m, n, k, gsize, bm, bn,
             v0 = triton_common.code_as_f32(cw & 0xF, 8.0).astype(compute)
             v1 = triton_common.code_as_f32(cw >> 4, 8.0).astype(compute)
             sc = sc.astype(jnp.float32)
+            tile = dict(g0=g0, m0=m0, m=m, bm=bm, groups=groups)
             if gemv:
-                new = []
-                for r in range(bm):
-                    row_ok = jnp.broadcast_to(m0 + r < m, (groups,))
-                    xs = [plgpu.load(x_ref.at[jnp.int32(j), m0 + r, pl.ds(g0, groups)], mask=row_ok,
-                                     other=0).astype(jnp.float32)[None, :] for j in range(4)]
-                    xg0 = jnp.where(i0 == 0, xs[0], jnp.where(i0 == 1, xs[1], xs[2]))
-                    xg1 = jnp.where(i1 == 3, xs[3], jnp.where(i1 == 2, xs[2], xs[1]))
-                    new.append(acc[r] + sc * jnp.sum(v0 * xg0 + v1 * xg1, axis=1))
-                acc = tuple(new)
+                acc = tuple(a + sc * r for a, r in zip(acc, triton_24.row_sums(x_ref, i0, i1, v0, v1, **tile)))
             else:
-                zero = jnp.zeros_like(v0)
-                m_ok = (m0 + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)) < m
-                part = jnp.zeros((bm, bn), jnp.float32)
-                for j in range(4):
-                    w = jnp.where(i0 == j, v0, zero) + jnp.where(i1 == j, v1, zero)
-                    xj = plgpu.load(x_ref.at[jnp.int32(j), pl.ds(m0, bm), pl.ds(g0, groups)],
-                                    mask=jnp.broadcast_to(m_ok, (bm, groups)), other=0)
-                    part = part + lax.dot_general(xj, w, (((1,), (1,)), ((), ())), precision=prec,
-                                                  preferred_element_type=jnp.float32)
+                part = triton_24.dot_tiles(jnp.zeros((bm, bn), jnp.float32), x_ref, i0, i1, v0, v1,
+                                           prec=prec, **tile)
                 acc = acc + part * sc[None, :]
         return acc
 
-    def store(row, sl, val, mask):
-        if split > 1:
-            plgpu.store(o_ref.at[pid_s, row, sl], val, mask=mask)
-        else:
-            plgpu.store(o_ref.at[row, sl], val.astype(o_ref.dtype), mask=mask)
-
-    if gemv:
-        acc0 = tuple(jnp.zeros((bn,), jnp.float32) for _ in range(bm))
-        acc = triton_common.prefetched_loop(steps, load, compute_step, acc0, prefetch)
-        for r in range(bm):
-            store(jnp.asarray(m0 + r, jnp.int32), pl.ds(n0, bn), acc[r], n_ok & (m0 + r < m))
-    else:
-        acc = triton_common.prefetched_loop(steps, load, compute_step, jnp.zeros((bm, bn), jnp.float32),
-                                            prefetch)
-        m_ok = (m0 + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)) < m
-        store(pl.ds(m0, bm), pl.ds(n0, bn), acc, m_ok & n_ok[None, :])
+    acc0 = (tuple(jnp.zeros((bn,), jnp.float32) for _ in range(bm)) if gemv
+            else jnp.zeros((bm, bn), jnp.float32))
+    acc = triton_common.prefetched_loop(steps, load, compute_step, acc0, prefetch)
+    triton_24.store_block(o_ref, acc, gemv=gemv, split=split, pid_s=pid_s, m0=m0, n0=n0, bm=bm,
+                          bn=bn, m=m, n_ok=n_ok)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))

@@ -30,6 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxpass.kernels_pallas.quantized_matmul import triton_common
+from jaxpass.kernels_pallas.sparse_matmul import triton_24
 from jaxpass.kernels_pallas.sparse_matmul.layout import Packed24
 
 
@@ -45,30 +46,12 @@ class SparseConfig:
 
 def check_config(x_shape, x_dtype, pw: Packed24, cfg: SparseConfig) -> str | None:
     """Why ``cfg`` cannot run this problem (a message), or None."""
-    if not triton_common.is_pow2(cfg.block_n) or cfg.block_n < 16:
-        return f"block_n={cfg.block_n} must be a power of two >= 16"
-    if not triton_common.is_pow2(cfg.groups) or cfg.groups < 16:
-        return f"groups={cfg.groups} must be a power of two >= 16"
-    if (pw.k // 8) % cfg.groups:
-        return f"K={pw.k}: K/8={pw.k // 8} is not a multiple of groups={cfg.groups}"
-    if cfg.split_k < 1 or (pw.k // 8 // cfg.groups) % cfg.split_k:
-        return (f"split_k={cfg.split_k} does not divide the {pw.k // 8 // cfg.groups} K steps "
-                f"(K={pw.k}, groups={cfg.groups})")
-    if not triton_common.is_pow2(cfg.block_m) or cfg.block_m > 64 or 8 < cfg.block_m < 16:
-        return f"block_m={cfg.block_m}: a power of two <= 8 (row-reduce) or 16..64 (dots)"
-    if jnp.dtype(x_dtype) not in (jnp.bfloat16, jnp.float16, jnp.float32):
-        return f"x dtype {x_dtype} is not bf16/f16/f32"
-    return None
+    return triton_24.check_tiles(x_dtype, pw.k, cfg)
 
 
 def default_config(m: int, k: int) -> SparseConfig:
-    bm = 1 if m == 1 else (2 if m == 2 else (4 if m <= 4 else (8 if m <= 8 else 16)))
-    groups = 64
-    while groups > 16 and (k // 8) % groups:
-        groups //= 2
-    steps = k // 8 // groups
-    split = next((s for s in (4, 2) if steps % s == 0), 1)
     # The best M=1 and M=16 configs of the H100 sweep in docs/sparsity.md.
+    bm, groups, split = triton_24.default_tiles(m, k)
     return SparseConfig(block_m=bm, block_n=32, groups=groups, num_warps=4, num_stages=3, split_k=split)
 
 
@@ -96,44 +79,18 @@ def _kernel(x_ref, v0_ref, v1_ref, meta_ref, o_ref, *, m, n, k, bm, bn, groups, 
         for h in range(2):
             g0 = c0 + h * half
             i0, i1, v0, v1 = load_half(meta, 4 * h, g0)
+            tile = dict(g0=g0, m0=m0, m=m, bm=bm, groups=groups)
             if gemv:
-                # Gather, per kept value, the activation at its position (i0 < i1, so i0 is in
-                # 0..2 and i1 in 1..3): two selects each, then one multiply-add per value.
-                new = []
-                for r in range(bm):
-                    row_ok = jnp.broadcast_to(m0 + r < m, (groups,))
-                    xs = [plgpu.load(x_ref.at[jnp.int32(j), m0 + r, pl.ds(g0, groups)], mask=row_ok,
-                                     other=0).astype(jnp.float32)[None, :] for j in range(4)]
-                    xg0 = jnp.where(i0 == 0, xs[0], jnp.where(i0 == 1, xs[1], xs[2]))
-                    xg1 = jnp.where(i1 == 3, xs[3], jnp.where(i1 == 2, xs[2], xs[1]))
-                    new.append(acc[r] + jnp.sum(v0 * xg0 + v1 * xg1, axis=1))
-                acc = tuple(new)
+                acc = tuple(a + r for a, r in zip(acc, triton_24.row_sums(x_ref, i0, i1, v0, v1, **tile)))
             else:
-                # Dense tiles w_j (the weight at k = 4g + j) and four tensor-core dots.
-                zero = jnp.zeros_like(v0)
-                m_ok = (m0 + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)) < m
-                for j in range(4):
-                    w = jnp.where(i0 == j, v0, zero) + jnp.where(i1 == j, v1, zero)
-                    xj = plgpu.load(x_ref.at[jnp.int32(j), pl.ds(m0, bm), pl.ds(g0, groups)],
-                                    mask=jnp.broadcast_to(m_ok, (bm, groups)), other=0)
-                    acc = acc + lax.dot_general(xj, w, (((1,), (1,)), ((), ())), precision=prec,
-                                                preferred_element_type=jnp.float32)
+                acc = triton_24.dot_tiles(acc, x_ref, i0, i1, v0, v1, prec=prec, **tile)
         return acc
 
-    def store(row, sl, val, mask):
-        if split > 1:
-            plgpu.store(o_ref.at[pid_s, row, sl], val, mask=mask)
-        else:
-            plgpu.store(o_ref.at[row, sl], val.astype(o_ref.dtype), mask=mask)
-
-    if gemv:
-        acc = lax.fori_loop(0, steps, body, tuple(jnp.zeros((bn,), jnp.float32) for _ in range(bm)))
-        for r in range(bm):
-            store(m0 + r, pl.ds(n0, bn), acc[r], n_ok & (m0 + r < m))
-    else:
-        acc = lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
-        m_ok = (m0 + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)) < m
-        store(pl.ds(m0, bm), pl.ds(n0, bn), acc, m_ok & n_ok[None, :])
+    acc0 = (tuple(jnp.zeros((bn,), jnp.float32) for _ in range(bm)) if gemv
+            else jnp.zeros((bm, bn), jnp.float32))
+    acc = lax.fori_loop(0, steps, body, acc0)
+    triton_24.store_block(o_ref, acc, gemv=gemv, split=split, pid_s=pid_s, m0=m0, n0=n0, bm=bm,
+                          bn=bn, m=m, n_ok=n_ok)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
