@@ -231,3 +231,36 @@ def test_compressed_cache_needs_the_pass_that_made_it(model, ids):
     plain = jaxpass.transform(model, passes=[], example_args=(jnp.zeros((1, 8), jnp.int32),))
     with pytest.raises(PassError, match="no pass of this transform takes such inputs"):
         plain.method("forward_cached")(ids[:1, :4], cache, 0)
+
+
+def test_decode_eviction_replaces_the_slot_top_k_would_drop():
+    """A decode step's in-place eviction (one row written) keeps exactly the slots, positions
+    and scores that the general top-k over slots + new token keeps, ties included (empty slots
+    at -inf, equal scores), and drops the new token itself when it ranks lowest."""
+    from jaxpass.passes.compress_kv.policies import SlotState, keep_highest, replace_lowest
+
+    rng = np.random.default_rng(0)
+    b, kvh, cap, d = 3, 2, 6, 4
+    k = jnp.asarray(rng.standard_normal((b, kvh, cap, d)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((b, kvh, cap, d)), jnp.float32)
+    pos = jnp.asarray(rng.permutation(40)[:b * kvh * cap].reshape(b, kvh, cap), jnp.int32)
+    pos = pos.at[0, 0, 4:].set(-1)                                   # two empty slots
+    st = SlotState(k, v, pos, jnp.asarray(rng.random((b, kvh, cap)), jnp.float32))
+    new = (jnp.asarray(rng.standard_normal((b, kvh, 1, d)), jnp.float32),
+           jnp.asarray(rng.standard_normal((b, kvh, 1, d)), jnp.float32),
+           jnp.full((b, kvh, 1), 50, jnp.int32))
+    all_pos = jnp.concatenate([pos, new[2]], axis=-1)
+    score = jnp.asarray(rng.random((b, kvh, cap + 1)), jnp.float32)
+    score = score.at[1, 0, 2].set(score[1, 0, 5])                     # a tie
+    pri = jnp.where(all_pos >= 0, score, -jnp.inf)
+    pri = pri.at[1, 0, 2].set(pri[1, 0, 5]).at[2, 1, :].set(1.0)       # ties everywhere in one head
+    pri = pri.at[2, 0, cap].set(-1.0)                                 # the new token ranks lowest
+    a = keep_highest(st, new, all_pos, score, pri, None)
+    r = replace_lowest(st, new, all_pos, score, pri, None)
+    for i in range(b):
+        for h in range(kvh):
+            rows = lambda s: sorted(
+                (int(p), float(sc), tuple(np.asarray(kk)), tuple(np.asarray(vv)))
+                for p, sc, kk, vv in zip(s.pos[i, h], s.score[i, h], s.k[i, h], s.v[i, h]))
+            assert rows(a) == rows(r), (i, h)
+    assert 50 not in np.asarray(r.pos[2, 0]).tolist()

@@ -14,33 +14,38 @@ import jax
 import jax.numpy as jnp
 
 
-def candidates(k_slots, v_slots, pos_slots, k_new, v_new, positions):
-    """Stored slots followed by the step's tokens: ``K [b,kvh,S+t,dk]``, ``V [b,kvh,S+t,dv]``,
-    ``P int32 [b,kvh,S+t]``. New tokens are cast to the slots' dtypes."""
+def new_tokens(k_slots, v_slots, k_new, v_new, positions):
+    """The step's tokens head-major like the slots: ``K [b,kvh,t,dk]``, ``V [b,kvh,t,dv]`` (cast
+    to the slots' dtypes) and ``P int32 [b,kvh,t]``."""
     b, kvh = k_slots.shape[:2]
     t = positions.shape[1]
     kn = jnp.swapaxes(k_new, 1, 2).astype(k_slots.dtype)
     vn = jnp.swapaxes(v_new, 1, 2).astype(v_slots.dtype)
     pn = jnp.broadcast_to(positions.astype(jnp.int32)[:, None, :], (b, kvh, t))
-    return (jnp.concatenate([k_slots, kn], axis=2), jnp.concatenate([v_slots, vn], axis=2),
-            jnp.concatenate([pos_slots.astype(jnp.int32), pn], axis=2))
+    return kn, vn, pn
 
 
-def attend(q, k, v, pos, positions, *, scale, sliding_window=None, out_dtype=None):
+def attend(q, k, v, pos, positions, *, scale, sliding_window=None, out_dtype=None, new=None):
     """Grouped-query attention of ``q [b, t, h, dk]`` over ``k [b, kvh, S, dk]``,
-    ``v [b, kvh, S, dv]`` at slot positions ``pos [b, kvh, S]``.
+    ``v [b, kvh, S, dv]`` at slot positions ``pos [b, kvh, S]``, and over ``new = (k, v, pos)``
+    (head-major, :func:`new_tokens`) after them when given: the same as attending over the
+    concatenation, without copying the stored slots (a decode step reads them once).
 
-    Returns ``(out [b, t, h, dv], probs [b, kvh, t, S])`` where ``probs`` is the attention mass
-    each slot received, summed over the query heads of its group (float32; what H2O accumulates
-    and SnapKV pools).
+    Returns ``(out [b, t, h, dv], probs [b, kvh, t, S (+ t_new)])`` where ``probs`` is the
+    attention mass each slot received, summed over the query heads of its group (float32; what
+    H2O accumulates and SnapKV pools).
     """
     b, t, h, dk = q.shape
     kvh = k.shape[1]
     g = h // kvh
     cdt = q.dtype
     qg = q.reshape(b, t, kvh, g, dk)
-    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k.astype(cdt),
-                        preferred_element_type=jnp.float32) * jnp.float32(scale)
+    segments = [(k, v)] + ([new[:2]] if new is not None else [])
+    scores = jnp.concatenate(
+        [jnp.einsum("btkgd,bksd->bkgts", qg, ks.astype(cdt), preferred_element_type=jnp.float32)
+         for ks, _ in segments], axis=-1) * jnp.float32(scale)
+    if new is not None:
+        pos = jnp.concatenate([pos.astype(jnp.int32), new[2]], axis=-1)
     qpos = positions.astype(jnp.int32)[:, None, None, :, None]            # [b,1,1,t,1]
     kpos = pos[:, :, None, None, :]                                       # [b,kvh,1,1,S]
     visible = (kpos >= 0) & (kpos <= qpos)
@@ -49,7 +54,11 @@ def attend(q, k, v, pos, positions, *, scale, sliding_window=None, out_dtype=Non
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = jnp.where(visible, probs, 0.0)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(cdt), v.astype(cdt),
-                     preferred_element_type=jnp.float32)
+    out, at = 0.0, 0
+    for _, vs in segments:
+        n = vs.shape[2]
+        out = out + jnp.einsum("bkgts,bksd->btkgd", probs[..., at:at + n].astype(cdt),
+                               vs.astype(cdt), preferred_element_type=jnp.float32)
+        at += n
     out = out.reshape(b, t, h, v.shape[-1]).astype(out_dtype or q.dtype)
     return out, probs.sum(axis=2)

@@ -30,7 +30,7 @@ import numpy as np
 
 from jaxpass.core.pass_api import PassError
 from jaxpass.kernels_pallas.decode_attention import formats
-from jaxpass.passes.compress_kv.attend import attend, candidates
+from jaxpass.passes.compress_kv.attend import attend, new_tokens
 from jaxpass.passes.compress_kv.fp8 import Fp8KV
 
 _BIG = np.float32(3e38)  # numpy: importing jaxpass must not start a backend (jax.distributed)
@@ -158,9 +158,10 @@ class QuantPolicy:
         # full precision (as KIVI's prefill does); the chunk is stored compressed afterwards.
         old_len = positions[:, 0].astype(jnp.int32)
         k, v, pos = self._dequantized(step.side.state, old_len)
-        k, v, pos = candidates(k.astype(q.dtype), v.astype(q.dtype), pos, step.k_new, step.v_new,
-                               positions)
-        return attend(q, k, v, pos, positions, scale=scale, sliding_window=sliding_window)[0]
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
+        new = new_tokens(k, v, step.k_new, step.v_new, positions)
+        return attend(q, k, v, pos, positions, scale=scale, sliding_window=sliding_window,
+                      new=new)[0]
 
     def finish(self, step):
         return step._new_state
@@ -281,10 +282,10 @@ class EvictPolicy:
     def attend(self, step, q, positions, scale, sliding_window):
         st = step.side.state
         if st.channels is None:
-            k, v, pos = candidates(st.k, st.v, st.pos, step.k_new, step.v_new, positions)
-            out, probs = attend(q, k, v, pos, positions, scale=scale,
-                                sliding_window=sliding_window, out_dtype=q.dtype)
-            step.stats.update(k=k, v=v, pos=pos, probs=probs)
+            new = new_tokens(st.k, st.v, step.k_new, step.v_new, positions)
+            out, probs = attend(q, st.k, st.v, st.pos, positions, scale=scale,
+                                sliding_window=sliding_window, out_dtype=q.dtype, new=new)
+            step.stats.update(new=new, probs=probs)
             return out
         # ThinK: stored keys have only the kept channels, so queries read them on those
         # channels; the step's own tokens are not pruned yet and are read on all channels (as
@@ -297,13 +298,14 @@ class EvictPolicy:
         q_kept = jnp.take_along_axis(qg, ch[:, None, :, None, :], axis=-1).reshape(b, t, h, dk)
         k_new_kept = jnp.take_along_axis(step.k_new, ch[:, None, :, :], axis=-1)
         step.stats["channels"] = ch
-        k, v, pos = candidates(st.k, st.v, st.pos, k_new_kept, step.v_new, positions)
+        new = new_tokens(st.k, st.v, k_new_kept, step.v_new, positions)
         k_old = jnp.pad(st.k, ((0, 0), (0, 0), (0, 0), (0, d)))
         k_new = jnp.pad(step.k_new, ((0, 0), (0, 0), (0, 0), (dk, 0)))
-        k_both, _, _ = candidates(k_old, st.v, st.pos, k_new, step.v_new, positions)
-        out, probs = attend(jnp.concatenate([q_kept, q], axis=-1), k_both, v, pos, positions,
-                            scale=scale, sliding_window=sliding_window, out_dtype=q.dtype)
-        step.stats.update(k=k, v=v, pos=pos, probs=probs)
+        both = new_tokens(k_old, st.v, k_new, step.v_new, positions)
+        out, probs = attend(jnp.concatenate([q_kept, q], axis=-1), k_old, st.v, st.pos,
+                            positions, scale=scale, sliding_window=sliding_window,
+                            out_dtype=q.dtype, new=both)
+        step.stats.update(new=new, probs=probs)
         return out
 
     def finish(self, step):
@@ -312,7 +314,8 @@ class EvictPolicy:
             raise PassError(f"CompressKV(method={self.name!r}) at layer {step.side.layer}: the "
                             "cache was updated but jaxpass.cached_attention never read it, so "
                             "there are no attention scores to evict by")
-        k, v, pos, probs = (step.stats[n] for n in ("k", "v", "pos", "probs"))
+        new, probs = step.stats["new"], step.stats["probs"]
+        pos = jnp.concatenate([st.pos.astype(jnp.int32), new[2]], axis=-1)
         cap = st.pos.shape[-1]
         t = step.positions.shape[1]
         if self.name == "h2o":
@@ -332,14 +335,10 @@ class EvictPolicy:
             newest = step.positions[:, -1].astype(jnp.int32)[:, None, None]
             pri = jnp.where(pos > newest - self.recent(cap), _BIG, score)
         pri = jnp.where(valid, pri, -jnp.inf)
-        _, idx = jax.lax.top_k(pri, cap)
-        kept_pos = jnp.take_along_axis(pos, idx, axis=-1)
-        order = jnp.argsort(kept_pos, axis=-1)            # keep slots in position order
-        idx = jnp.take_along_axis(idx, order, axis=-1)
-        take = lambda x: jnp.take_along_axis(x, idx, axis=2)
-        take4 = lambda x: jnp.take_along_axis(x, idx[..., None], axis=2)
-        return SlotState(take4(k).astype(st.k.dtype), take4(v).astype(st.v.dtype), take(pos),
-                         take(score), step.stats.get("channels", st.channels))
+        channels = step.stats.get("channels", st.channels)
+        if t == 1:
+            return replace_lowest(st, new, pos, score, pri, channels)
+        return keep_highest(st, new, pos, score, pri, channels)
 
     def dense_k(self, state, shape, dtype, lengths=None):
         k = state.k
@@ -352,6 +351,36 @@ class EvictPolicy:
 
     def dense_v(self, state, shape, dtype, lengths=None):
         return _slots_to_dense(state.v, state.pos, shape[1], dtype)
+
+
+def keep_highest(st: SlotState, new, pos, score, pri, channels) -> SlotState:
+    """The ``C`` of the ``C + t`` candidates (slots, then ``new = (k, v, pos)`` head-major) with
+    the highest priority ``pri [b,kvh,C+t]`` (ties: the earlier candidate), in position order."""
+    cap = st.pos.shape[-1]
+    k = jnp.concatenate([st.k, new[0]], axis=2)
+    v = jnp.concatenate([st.v, new[1]], axis=2)
+    _, idx = jax.lax.top_k(pri, cap)
+    order = jnp.argsort(jnp.take_along_axis(pos, idx, axis=-1), axis=-1)
+    idx = jnp.take_along_axis(idx, order, axis=-1)
+    take = lambda x: jnp.take_along_axis(x, idx, axis=2)
+    take4 = lambda x: jnp.take_along_axis(x, idx[..., None], axis=2)
+    return SlotState(take4(k).astype(st.k.dtype), take4(v).astype(st.v.dtype), take(pos),
+                     take(score), channels)
+
+
+def replace_lowest(st: SlotState, new, pos, score, pri, channels) -> SlotState:
+    """One new token (a decode step): the same kept set as :func:`keep_highest`, which drops
+    exactly one of the ``C + 1`` candidates, the last one of lowest priority; here the new
+    token takes that slot in place (or is dropped itself), so a step writes one row per head
+    instead of gathering the whole cache. Slots are then not in position order (nothing reads
+    them by order: visibility is by position)."""
+    cap = st.pos.shape[-1]
+    drop = cap - jnp.argmin(pri[..., ::-1], axis=-1)          # [b, kvh]; cap: the new token
+    put = jax.vmap(jax.vmap(lambda dst, j, row: dst.at[j].set(row[0].astype(dst.dtype),
+                                                              mode="drop")))
+    return SlotState(put(st.k, drop, new[0]), put(st.v, drop, new[1]),
+                     put(pos[..., :cap], drop, pos[..., cap:]),
+                     put(score[..., :cap], drop, score[..., cap:]), channels)
 
 
 def nbytes_per_token(cache, length: int) -> float:
