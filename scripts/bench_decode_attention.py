@@ -142,7 +142,8 @@ def family(name):
 
 def gpu_check(DA, F):
     """f32 (IEEE dots: tolerance 1e-5) and bf16 (1e-2) kernel vs reference on the GPU, ragged
-    lengths with a one-token row, before any timing."""
+    lengths with a one-token row, before any timing; 4 splits of 2048 rows, and 3 (rows 704,
+    704, 640: a count that does not divide) with 4 full-precision sink rows (``sinks=``)."""
     import jax
     import jax.numpy as jnp
     b, kvh, g, L, d = 3, 2, 4, 2048, 128
@@ -157,24 +158,36 @@ def gpu_check(DA, F):
             kind, opts = FORMATS[name]
             cache = F.from_dense(kind, k, v, lengths=lens, **opts)
             ref = DA.reference_decode_attention(q, cache, lens, scale=d ** -0.5)
+            sinks = (k[:, :, :4] * 0.5, v[:, :, :4] + 0.5)
+            ref_s = DA.reference_decode_attention(q, cache, lens, scale=d ** -0.5, sinks=sinks)
             for kb in ((0, 1, 2) if kind == "kivi" else (0,)):
-                o = DA.decode_attention(q, cache, lens, scale=d ** -0.5, backend="triton",
-                                        config=DA.DecodeConfig(64, 4, 4, 2, kivi_block=kb))
-                err = rel_err(o, ref)
-                out.append(dict(dtype=jnp.dtype(dt).name, format=name + (f"/block{kb}" if kb else ""),
-                                rel_err=err, ok=bool(err <= tol)))
-                print(json.dumps(out[-1]), flush=True)
+                for splits, snk, want in ((4, None, ref), (3, sinks, ref_s)):
+                    o = DA.decode_attention(q, cache, lens, scale=d ** -0.5, backend="triton",
+                                            config=DA.DecodeConfig(64, splits, 4, 2, kivi_block=kb),
+                                            sinks=snk)
+                    err = rel_err(o, want)
+                    label = name + (f"/block{kb}" if kb else "") + ("/3splits+sinks" if snk else "")
+                    out.append(dict(dtype=jnp.dtype(dt).name, format=label, rel_err=err,
+                                    ok=bool(err <= tol)))
+                    print(json.dumps(out[-1]), flush=True)
     return out
 
 
 def main(argv=None):
+    global B, HQ, KVH, D
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", default="32768,4096,131072")
     ap.add_argument("--formats", default="dense,int8,kivi4,kivi4b,kivi2,sparse")
     ap.add_argument("--budget_s", type=float, default=300.0)
     ap.add_argument("--candidates", default="",
                     help='JSON replacing CANDIDATES entries, e.g. \'{"int8": [[64, 32, 2, 3]]}\'')
+    ap.add_argument("--shape", default="",
+                    help="batch,q_heads,kv_heads,head_dim (default 8,32,8,128)")
+    ap.add_argument("--skip_check", action="store_true",
+                    help="no GPU correctness check first (a sweep right after a checked run)")
     args = ap.parse_args(argv)
+    if args.shape:
+        B, HQ, KVH, D = (int(x) for x in args.shape.split(","))
     if args.candidates:
         CANDIDATES.update({k: [tuple(c) for c in v] for k, v in json.loads(args.candidates).items()})
     t_start = time.time()
@@ -188,7 +201,7 @@ def main(argv=None):
     dev = jax.devices()[0].device_kind
     print("jax", jax.__version__, dev, flush=True)
     checks = []
-    if jax.default_backend() == "gpu":
+    if jax.default_backend() == "gpu" and not args.skip_check:
         try:
             checks = gpu_check(DA, F)
         except Exception as e:  # noqa: BLE001  (reported; the timings still run)
@@ -240,7 +253,7 @@ def main(argv=None):
                                           tuning.default_config(cache, HQ // KVH))
             if why_not is None:
                 default = tuning.default_config(cache, groups)
-                if L == 32768:
+                if L == 32768 or args.candidates:   # given candidates: swept at every L
                     cands = [DA.DecodeConfig(*c) for c in CANDIDATES[family(name)]]
                 else:
                     cands = [best_cfg.get(name, default)]

@@ -112,6 +112,36 @@ def test_int8_bf16_per_head_lengths_and_split_skipping():
     assert _rel(out, ref) < 5e-3            # bf16 output rounding is ~1.6e-3 in norm here
 
 
+
+@pytest.mark.parametrize("name,kivi_block", [("int8", 0), ("kivi2", 1),
+                                             pytest.param("kivi4", 0, marks=pytest.mark.slow),
+                                             pytest.param("sparse", 0, marks=pytest.mark.slow)])
+def test_sinks_are_read_from_their_full_precision_rows(name, kivi_block):
+    """``sinks=(k, v)``: positions [0, S) come from the given rows on every backend. The
+    reference equals plain attention over the dequantized cache with those rows replaced
+    (a dense f32 cache); the kernel (interpret) and the XLA path equal the reference. Row 1 is
+    shorter than S (sink rows past the length stay unread, KIVI's ring holds positions < S)."""
+    kind, opts = KINDS[name]
+    q, k, v = _data(jnp.float32, seed=3)
+    S = 4
+    lens = jnp.array([L - 9, 3])
+    cache = F.from_dense(kind, k, v, lengths=lens, **opts)
+    sinks = (k[:, :, :S] + 0.5, v[:, :, :S] - 0.25)     # not the format's rows: a visible change
+    kd, vd = cache.dequantize(lens)
+    dense = F.from_dense("dense", kd.at[:, :, :S].set(sinks[0]), vd.at[:, :, :S].set(sinks[1]))
+    want = DA.reference_decode_attention(q, dense, lens, scale=SCALE)
+    ref = DA.reference_decode_attention(q, cache, lens, scale=SCALE, sinks=sinks)
+    assert _rel(ref, want) < 1e-6
+    assert _rel(DA.reference_decode_attention(q, cache, lens, scale=SCALE), want) > 1e-2
+    out = DA.decode_attention(q, cache, lens, scale=SCALE, backend="triton", interpret=True,
+                              config=DA.DecodeConfig(32, 2, kivi_block=kivi_block), sinks=sinks)
+    assert _rel(out, ref) < 2e-6
+    xla = DA.decode_attention(q, cache, lens, scale=SCALE, backend="xla", sinks=sinks)
+    assert _rel(xla, ref) < 1e-5
+    with pytest.raises(ValueError, match="sinks"):
+        DA.decode_attention(q, cache, lens, scale=SCALE, backend="xla", sinks=(sinks[0], k))
+
+
 @pytest.mark.parametrize("name", list(KINDS))
 def test_xla_path_matches_reference(name):
     kind, opts = KINDS[name]
@@ -157,6 +187,21 @@ def test_tuned_table_routes_to_the_measured_winner():
     assert sel.backend == "triton" and "tuned" in sel.reason
 
 
+@pytest.mark.parametrize("name", ["int8", "kivi4"])
+def test_split_count_need_not_divide_the_capacity(name):
+    """3 splits of a 128-row cache in 32-row steps: splits of 64, 64 and 0 rows (rounded up to
+    whole steps), ragged lengths ending inside the second split and inside the first."""
+    kind, opts = KINDS[name]
+    q, k, v = _data(jnp.float32, seed=4)
+    lens = jnp.array([L - 5, 50])
+    cache = F.from_dense(kind, k, v, lengths=lens, **opts)
+    ref = DA.reference_decode_attention(q, cache, lens, scale=SCALE)
+    out = DA.decode_attention(q, cache, lens, scale=SCALE, backend="triton", interpret=True,
+                              config=DA.DecodeConfig(block_k=32, num_splits=3,
+                                                     kivi_block=int(kind == "kivi")))
+    assert _rel(out, ref) < 2e-6
+
+
 def test_selection_reasons_and_errors():
     q, k, v = _data(jnp.bfloat16)
     dense = F.from_dense("dense", k, v)
@@ -167,9 +212,12 @@ def test_selection_reasons_and_errors():
     sparse = F.from_dense("sparse", k, v)
     sel = DA.select_implementation(q.shape, q.dtype, sparse, platform="gpu")
     assert sel.backend == "triton" and sel.config is not None
+    with pytest.raises(ValueError, match="block_k=256"):     # capacity 128 is not a multiple
+        DA.decode_attention(q, dense, jnp.array([L, L]), scale=SCALE, backend="triton",
+                            config=DA.DecodeConfig(block_k=256, num_splits=1), interpret=True)
     with pytest.raises(ValueError, match="num_splits"):
         DA.decode_attention(q, dense, jnp.array([L, L]), scale=SCALE, backend="triton",
-                            config=DA.DecodeConfig(block_k=32, num_splits=3), interpret=True)
+                            config=DA.DecodeConfig(block_k=32, num_splits=0), interpret=True)
     with pytest.raises(ValueError, match="query heads"):
         DA.decode_attention(q[:, :5], dense, jnp.array([L, L]), scale=SCALE, backend="xla")
     with pytest.raises(ValueError, match="backend"):

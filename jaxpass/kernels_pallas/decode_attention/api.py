@@ -72,23 +72,27 @@ def select_implementation(q_shape, q_dtype, cache, *, backend="auto", config=Non
 
 
 def decode_attention(q, cache, lengths, *, scale, backend="auto", config: DecodeConfig | None = None,
-                     interpret=False):
+                     interpret=False, sinks=None):
     """Single-token decode attention: ``q [b, hq, d]`` at position ``lengths - 1`` attends to the
     cache rows ``< lengths`` (``[b]`` or per head ``[b, kvh]``); returns ``[b, hq, d]`` in
     q's dtype. ``backend``: "auto" (module docstring), "xla" (dequantize in the graph),
     "reference" (f32), "triton", "mosaic_tpu" (dense/int8). ``interpret=True`` runs the Pallas kernel in the interpreter
-    (CPU tests); with "auto" it selects as on a GPU.
+    (CPU tests); with "auto" it selects as on a GPU. ``sinks=(k, v)``: full-precision rows
+    ``[b, kvh, S, d]`` read for positions ``[0, S)`` instead of the format's rows (attention
+    sinks kept intact); the Triton kernel masks those positions and merges one more partial,
+    the Mosaic TPU kernel has no such input (XLA runs instead).
     """
     sel = select_implementation(q.shape, q.dtype, cache, backend=backend, config=config,
                                 platform="gpu" if interpret else None, interpret=interpret)
     if sel.backend == "reference":
-        return reference.reference_decode_attention(q, cache, lengths, scale=scale)
-    if sel.backend == "xla":
-        return reference.xla_decode_attention(q, cache, lengths, scale=scale)
+        return reference.reference_decode_attention(q, cache, lengths, scale=scale, sinks=sinks)
+    if sel.backend == "xla" or (sel.backend == "mosaic_tpu" and sinks is not None):
+        return reference.xla_decode_attention(q, cache, lengths, scale=scale, sinks=sinks)
     if sel.backend == "mosaic_tpu":
         from jaxpass.kernels_pallas.decode_attention import pallas_mosaic_tpu
         return pallas_mosaic_tpu.decode_attention_tpu(q, cache, lengths, scale=float(scale),
                                                       config=sel.config, interpret=interpret)
     from jaxpass.kernels_pallas.decode_attention import pallas_triton
     return pallas_triton.decode_attention_triton(q, cache, lengths, scale=float(scale),
-                                                 config=sel.config, interpret=interpret)
+                                                 config=sel.config, interpret=interpret,
+                                                 sinks=sinks)

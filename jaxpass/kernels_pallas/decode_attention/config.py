@@ -11,7 +11,8 @@ class DecodeConfig:
 
     ``block_k``: tokens per step (KIVI: a multiple of the key group size G; the kernel works one
     group at a time inside a step). ``num_splits``: flash-decoding's split of the sequence
-    (``capacity % (num_splits * block_k) == 0``); more splits = more programs in flight for
+    (``capacity % block_k == 0``; each split covers ``cap / num_splits`` positions rounded up to
+    whole steps); more splits = more programs in flight for
     small batch * heads, at the price of a bigger f32 partial output and combine.
     ``num_warps`` / ``num_stages``: Triton's (``num_stages > 1`` software-pipelines the loads).
     ``kivi_block`` (KIVI only): 1 dequantizes a whole ``block_k`` of keys to the query dtype

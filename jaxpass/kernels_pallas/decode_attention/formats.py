@@ -371,31 +371,29 @@ class KiviKV(_Base):
 
         Before token ``p`` is written, every unquantized position lies in the ring, and a group
         is due exactly when ``quantized_length`` grows: then positions ``[nq, nq + G)`` (whole
-        ring slots ``[nq % R, nq % R + G)``, as R is a multiple of G) are quantized. That happens
-        once every G steps, so it runs under a ``lax.cond`` on "any row flushes" (rows that do
-        not flush drop their writes); the other steps write one ring row per head.
+        ring slots ``[nq % R, nq % R + G)``, as R is a multiple of G) are quantized. That
+        happens once every G steps; the G ring rows are quantized at every step anyway (a few
+        KB per head) and written only when due (else to row ``cap``: dropped), so the cache
+        arrays are updated in place by one scatter each, with no branch that would make XLA
+        copy them. Then the token is written into its ring slot.
         """
         b, kvh, cap, d = self.shape
         G, R, bits, gv = self.group_size, self.residual, self.bits, self.v_group_size
         nq = quantized_length(pos, G, R)
         due = quantized_length(pos + 1, G, R) > nq
 
-        def flush(arrays):
-            def one(kc, ks, km, vc, vs, vm, kr, vr, p0, f):
-                at = jnp.mod(p0, R)
-                pk, sk, mk = quantize_kivi_keys(jax.lax.dynamic_slice_in_dim(kr, at, G), bits, G)
-                pv, sv, mv = quantize_kivi_values(jax.lax.dynamic_slice_in_dim(vr, at, G), bits,
-                                                  gv)
-                rows = jnp.where(f, p0, cap) + jnp.arange(G, dtype=jnp.int32)   # cap: dropped
-                grp = jnp.where(f, p0 // G, cap // G)[None]
-                return (_scatter_rows(kc, rows, pk), _scatter_rows(ks, grp, sk),
-                        _scatter_rows(km, grp, mk), _scatter_rows(vc, rows, pv),
-                        _scatter_rows(vs, rows, sv), _scatter_rows(vm, rows, mv))
+        def one(kc, ks, km, vc, vs, vm, kr, vr, p0, f):
+            at = jnp.mod(p0, R)
+            pk, sk, mk = quantize_kivi_keys(jax.lax.dynamic_slice_in_dim(kr, at, G), bits, G)
+            pv, sv, mv = quantize_kivi_values(jax.lax.dynamic_slice_in_dim(vr, at, G), bits, gv)
+            rows = jnp.where(f, p0, cap) + jnp.arange(G, dtype=jnp.int32)      # cap: dropped
+            grp = jnp.where(f, p0 // G, cap // G)[None]
+            return (_scatter_rows(kc, rows, pk), _scatter_rows(ks, grp, sk),
+                    _scatter_rows(km, grp, mk), _scatter_rows(vc, rows, pv),
+                    _scatter_rows(vs, rows, sv), _scatter_rows(vm, rows, mv))
 
-            return _vmap2(one)(*arrays, self.k_res, self.v_res, nq, due)
-
-        arrays = (self.k_codes, self.k_scale, self.k_min, self.v_codes, self.v_scale, self.v_min)
-        arrays = jax.lax.cond(jnp.any(due), flush, lambda a: a, arrays)
+        arrays = _vmap2(one)(self.k_codes, self.k_scale, self.k_min, self.v_codes, self.v_scale,
+                             self.v_min, self.k_res, self.v_res, nq, due)
         write = _vmap2(lambda ring, x, s: jax.lax.dynamic_update_slice_in_dim(
             ring, x.astype(ring.dtype), s, 0))
         slot = jnp.mod(pos, R)

@@ -85,9 +85,9 @@ def check(q_shape, q_dtype, cache, cfg: DecodeConfig) -> str | None:
         return f"head_dim {d} must be a power of two >= 16"
     if not _pow2(cfg.block_k) or cfg.block_k < 16:
         return f"block_k={cfg.block_k} must be a power of two >= 16"
-    if cfg.num_splits < 1 or cap % (cfg.num_splits * cfg.block_k):
-        return (f"capacity {cap} is not a multiple of num_splits * block_k = "
-                f"{cfg.num_splits} * {cfg.block_k}")
+    if cfg.num_splits < 1 or cap % cfg.block_k:
+        return (f"capacity {cap} is not a multiple of block_k={cfg.block_k} "
+                f"(or num_splits={cfg.num_splits} < 1)")
     # Triton keeps num_stages copies of each streamed tile in shared memory (228 KB on H100);
     # measured: f32 with block_k=128, 3 stages asked for 272 KB. Estimate: K+V tiles per stage.
     smem = 2 * cfg.block_k * d * jnp.dtype(q_dtype).itemsize * cfg.num_stages
@@ -106,6 +106,13 @@ def check(q_shape, q_dtype, cache, cfg: DecodeConfig) -> str | None:
         if gv < d and (n % gv or not _pow2(gv) or gv < 16):
             return f"KIVI v_group_size {gv} must be a power of two >= 16 dividing {n} (or >= d)"
     return None
+
+
+def split_length(cap: int, cfg: DecodeConfig) -> int:
+    """Positions per split: ``cap / num_splits`` rounded up to whole steps (so any capacity
+    that is a multiple of ``block_k`` splits; the last splits may hold fewer or none)."""
+    per = -(-cap // cfg.num_splits)
+    return -(-per // cfg.block_k) * cfg.block_k
 
 
 def _dot(a, b, f32):
@@ -134,7 +141,7 @@ def _online_update(carry, s, pv_fn):
 
 
 def _kernel(len_ref, q_ref, *refs, kind, block_k, split_len, sm_scale, f32, cd, meta,
-            kivi_block=0):
+            kivi_block=0, skip=0):
     *in_refs, acc_ref, m_ref, l_ref = refs
     gp, d = q_ref.shape
     si = pl.program_id(2)
@@ -164,6 +171,15 @@ def _kernel(len_ref, q_ref, *refs, kind, block_k, split_len, sm_scale, f32, cd, 
         if kind == "int8" and not f32:
             q16 = q.astype(jnp.float16)
             q16_sum = jnp.sum(q16.astype(jnp.float32), axis=1, keepdims=True)
+
+    def visible(s, off, rows):
+        """Scores of positions ``[off, off + rows)`` outside ``[skip, length)`` -> -inf
+        (``skip``: positions read from the sink rows instead)."""
+        idx = off + lax.broadcasted_iota(jnp.int32, (1, rows), 1)
+        ok = idx < length
+        if skip:
+            ok = ok & (idx >= skip)
+        return jnp.where(ok, s, -jnp.inf)
 
     def sparse_rows(bm_ref, val_ref, off):
         """``[block_k, d]`` dense rows of a Mustafar tile: each channel's value sits at its bit's
@@ -206,8 +222,7 @@ def _kernel(len_ref, q_ref, *refs, kind, block_k, split_len, sm_scale, f32, cd, 
                 pw = (p * vs[None, :]).astype(jnp.float16)
                 pw_sum = jnp.sum(pw.astype(jnp.float32), axis=1, keepdims=True)
                 return (_dot_nn(pw, vf, False) - _I8_BIAS * pw_sum,)
-        idx = start + off + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-        s = jnp.where(idx < length, s, -jnp.inf)
+        s = visible(s, off, block_k)
         return _online_update(carry, s, pv)
 
     def codes_of(packed16, p):
@@ -220,8 +235,8 @@ def _kernel(len_ref, q_ref, *refs, kind, block_k, split_len, sm_scale, f32, cd, 
         return _small_codes(c, cd)
 
     def kivi_group(off, carry):
-        """One key group of G tokens at split offset ``off``."""
-        grp = (start + off) // G
+        """One key group of G tokens at position ``off``."""
+        grp = off // G
         kc = kc_ref[pl.ds(off, G), :].astype(jnp.uint16)
         km = km_ref[pl.ds(grp, 1), :].astype(jnp.float32)
         s = jnp.sum(q * km, axis=1, keepdims=True)                               # q . k_min
@@ -234,9 +249,7 @@ def _kernel(len_ref, q_ref, *refs, kind, block_k, split_len, sm_scale, f32, cd, 
                 lo = (qs - hi.astype(jnp.float32)).astype(cd)
                 s = s + _dot(lo, codes, f32) - bias * jnp.sum(
                     hi.astype(jnp.float32) + lo.astype(jnp.float32), axis=1, keepdims=True)
-        idx = start + off + lax.broadcasted_iota(jnp.int32, (1, G), 1)
-        s = jnp.where(idx < length, s, -jnp.inf)
-
+        s = visible(s, off, G)
         return _online_update(carry, s, lambda prob: kivi_values(off, G, prob))
 
     def kivi_block_step(off, carry):
@@ -244,7 +257,7 @@ def _kernel(len_ref, q_ref, *refs, kind, block_k, split_len, sm_scale, f32, cd, 
         rows broadcast to its G tokens), one key dot per plane, one softmax update; values as in
         ``kivi_group`` (their per-token scales commute out of the dot)."""
         ng = block_k // G
-        grp0 = (start + off) // G
+        grp0 = off // G
         kc = kc_ref[pl.ds(off, block_k), :].astype(jnp.uint16)
         s = None
         for p in range(planes):
@@ -263,8 +276,7 @@ def _kernel(len_ref, q_ref, *refs, kind, block_k, split_len, sm_scale, f32, cd, 
                 kf = (codes.astype(jnp.float32) - bias) * ks + km
             sp = _dot(qp[p].astype(cd), kf.astype(cd), f32)
             s = sp if s is None else s + sp
-        idx = start + off + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-        s = jnp.where(idx < length, s, -jnp.inf)
+        s = visible(s, off, block_k)
         return _online_update(carry, s, lambda prob: kivi_values(off, block_k, prob))
 
     def kivi_values(off, rows, prob):
@@ -285,7 +297,7 @@ def _kernel(len_ref, q_ref, *refs, kind, block_k, split_len, sm_scale, f32, cd, 
         return out
 
     def body(i, carry):
-        off = i * block_k
+        off = start + i * block_k        # absolute position: the refs hold whole rows
         if kind != "kivi":
             return dense_step(off, carry)
         if kivi_block:
@@ -308,10 +320,9 @@ def _kernel(len_ref, q_ref, *refs, kind, block_k, split_len, sm_scale, f32, cd, 
 
 def _cache_operands(cache, cfg):
     """(arrays, block specs, kind, meta) of the cache part the kernel streams."""
-    S = cache.shape[2] // cfg.num_splits
-    d = cache.shape[3]
-    row = lambda w: pl.BlockSpec((None, None, S, w), lambda b, h, s: (b, h, s, 0))
-    vec = pl.BlockSpec((None, None, S), lambda b, h, s: (b, h, s))
+    cap, d = cache.shape[2], cache.shape[3]
+    row = lambda w: pl.BlockSpec((None, None, cap, w), lambda b, h, s: (b, h, 0, 0))
+    vec = pl.BlockSpec((None, None, cap), lambda b, h, s: (b, h, 0))
     if isinstance(cache, F.DenseKV):
         return [cache.k, cache.v], [row(d), row(d)], "dense", None
     if isinstance(cache, F.Int8KV):
@@ -332,9 +343,11 @@ def _cache_operands(cache, cfg):
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
 def decode_attention_triton(q, cache, lengths, *, scale, config: DecodeConfig,
-                            interpret: bool = False):
-    """Split-K decode attention (module docstring); same meaning as the reference."""
+                            interpret: bool = False, sinks=None):
+    """Split-K decode attention (module docstring); same meaning as the reference. ``sinks``:
+    the kernel masks positions below S and one more partial reads the sink rows."""
     ln = reference.check_args(q, cache, lengths)
+    n_sinks = reference.check_sinks(sinks, cache)
     b, kvh, cap, d = cache.shape
     hq = q.shape[1]
     g = hq // kvh
@@ -348,10 +361,10 @@ def decode_attention_triton(q, cache, lengths, *, scale, config: DecodeConfig,
     arrays, specs, kind, meta = _cache_operands(cache, cfg)
     kv_len = cache.quantized_length(ln) if kind == "kivi" else ln
     P = cfg.num_splits
-    S = cap // P
+    S = split_length(cap, cfg)
     kernel = functools.partial(_kernel, kind=kind, block_k=cfg.block_k, split_len=S,
                                sm_scale=float(scale), f32=f32, cd=cd, meta=meta,
-                               kivi_block=cfg.kivi_block)
+                               kivi_block=cfg.kivi_block, skip=n_sinks)
     acc, m, l = pl.pallas_call(
         kernel,
         grid=(b, kvh, P),
@@ -368,12 +381,17 @@ def decode_attention_triton(q, cache, lengths, *, scale, config: DecodeConfig,
         name=f"jaxpass_decode_attention_{kind}",
     )(kv_len, qg, *arrays)
     acc, m, l = acc[:, :, :, :g], m[:, :, :, :g], l[:, :, :, :g]
+    # f32 queries: IEEE products in the XLA partials too (XLA's GPU default for f32 is TF32)
+    prec = lax.Precision.HIGHEST if f32 else None
+    extra = []
     if kind == "kivi":
-        # f32 queries: IEEE products for the ring too (XLA's GPU default for f32 dots is TF32)
-        prec = lax.Precision.HIGHEST if f32 else None
-        ra, rm, rl = reference.kivi_ring_partial(q.reshape(b, kvh, g, d), cache, ln, scale,
-                                                 precision=prec)
-        acc = jnp.concatenate([acc, ra[:, :, None]], axis=2)
-        m = jnp.concatenate([m, rm[:, :, None]], axis=2)
-        l = jnp.concatenate([l, rl[:, :, None]], axis=2)
+        extra.append(reference.kivi_ring_partial(q.reshape(b, kvh, g, d), cache, ln, scale,
+                                                 precision=prec, skip=n_sinks))
+    if n_sinks:
+        extra.append(reference.sink_partial(q.reshape(b, kvh, g, d), sinks, ln, scale,
+                                            precision=prec))
+    for ea, em, el in extra:
+        acc = jnp.concatenate([acc, ea[:, :, None]], axis=2)
+        m = jnp.concatenate([m, em[:, :, None]], axis=2)
+        l = jnp.concatenate([l, el[:, :, None]], axis=2)
     return reference.combine(acc, m, l).reshape(b, hq, d).astype(q.dtype)

@@ -9,6 +9,9 @@ with ``g = hq // kvh`` (grouped-query attention: query head ``j`` reads KV head 
 A row (or head) of length 0 attends to nothing and returns zeros.
 
 * ``reference_decode_attention``: f32, HIGHEST precision; what tests compare against.
+* ``sinks=(k, v)`` (every backend): full-precision rows ``[b, kvh, S, d]`` for positions
+  ``[0, S)``, read instead of the format's rows there (attention sinks kept intact, as KVQuant /
+  IntactKV do); one more partial in the combine.
 * ``xla_decode_attention``: the baseline a compiler would produce: dequantize in the graph to
   ``q.dtype``, dots with f32 accumulation; also the ``backend="xla"`` fallback.
 * ``partial_attention`` / ``combine``: flash-decoding's split form. A partial over a subset of
@@ -71,14 +74,36 @@ def combine(accs, ms, ls):
     return jnp.where(den[..., None] > 0, num / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
 
 
-def kivi_ring_partial(qg, cache: F.KiviKV, lengths, scale, *, precision=None):
+def check_sinks(sinks, cache):
+    """Validates ``sinks = (k, v)`` full-precision rows ``[b, kvh, S, d]`` (or None); returns S."""
+    if sinks is None:
+        return 0
+    b, kvh, cap, d = cache.shape
+    k, v = sinks
+    if k.ndim != 4 or k.shape != v.shape or k.shape[:2] != (b, kvh) or k.shape[3] != d \
+            or not 0 < k.shape[2] <= cap:
+        raise ValueError(f"sinks: expected k and v of equal shape [b={b}, kvh={kvh}, S, d={d}] "
+                         f"with 0 < S <= {cap}, got {k.shape} and {v.shape}")
+    return int(k.shape[2])
+
+
+def sink_partial(qg, sinks, lengths, scale, *, precision=None):
+    """Attention over full-precision rows for positions ``[0, S)`` (those below the length) as
+    a partial: the attention-sink rows a cache keeps beside its format."""
+    k, v = sinks
+    dt = jnp.float32 if precision is not None else qg.dtype
+    valid = jnp.arange(k.shape[2], dtype=jnp.int32)[None, None, :] < lengths[..., None]
+    return partial_attention(qg, k.astype(dt), v.astype(dt), valid, scale, precision=precision)
+
+
+def kivi_ring_partial(qg, cache: F.KiviKV, lengths, scale, *, precision=None, skip=0):
     """The residual-ring part of KIVI attention as a partial (slot ``s`` holds position
-    ``nq + (s - nq) mod R``, valid when below the length)."""
+    ``nq + (s - nq) mod R``, valid when below the length and not below ``skip``)."""
     R = cache.residual
     nq = cache.quantized_length(lengths)
     slot = jnp.arange(R, dtype=jnp.int32)
     pos = nq[..., None] + jnp.mod(slot - nq[..., None], R)
-    valid = pos < lengths[..., None]
+    valid = (pos < lengths[..., None]) & (pos >= skip)
     k, v = cache.k_res, cache.v_res
     if precision is not None:
         k, v = k.astype(jnp.float32), v.astype(jnp.float32)
@@ -92,25 +117,36 @@ def _finish(out, q):
     return out.reshape(b, hq, d).astype(q.dtype)
 
 
-def reference_decode_attention(q, cache, lengths, *, scale):
-    """f32 HIGHEST-precision decode attention over the dequantized cache (module docstring)."""
+def _merge(parts, q):
+    acc, m, l = (jnp.stack(x, axis=2) for x in zip(*parts))
+    return _finish(combine(acc, m, l), q)
+
+
+def reference_decode_attention(q, cache, lengths, *, scale, sinks=None):
+    """f32 HIGHEST-precision decode attention over the dequantized cache (module docstring);
+    with ``sinks = (k, v) [b, kvh, S, d]``, positions ``[0, S)`` are read from those rows."""
     ln = check_args(q, cache, lengths)
+    S = check_sinks(sinks, cache)
     b, kvh, cap, d = cache.shape
     k, v = cache.dequantize(ln)
-    valid = jnp.arange(cap, dtype=jnp.int32)[None, None, :] < ln[..., None]
+    pos = jnp.arange(cap, dtype=jnp.int32)[None, None, :]
     qg = _group(q.astype(jnp.float32), kvh)
-    acc, m, l = partial_attention(qg, k.astype(jnp.float32), v.astype(jnp.float32), valid, scale,
-                                  precision=jax.lax.Precision.HIGHEST)
-    return _finish(combine(acc[:, :, None], m[:, :, None], l[:, :, None]), q)
+    hi = jax.lax.Precision.HIGHEST
+    parts = [partial_attention(qg, k.astype(jnp.float32), v.astype(jnp.float32),
+                               (pos < ln[..., None]) & (pos >= S), scale, precision=hi)]
+    if S:
+        parts.append(sink_partial(qg, sinks, ln, scale, precision=hi))
+    return _merge(parts, q)
 
 
-def xla_decode_attention(q, cache, lengths, *, scale):
+def xla_decode_attention(q, cache, lengths, *, scale, sinks=None):
     """The XLA baseline: dequantize in the graph to ``q.dtype`` then attend (f32 accumulation).
 
     KIVI keeps its split form (codes part + ring, merged by log-sum-exp) so XLA never
-    materializes more than the cache's own capacity.
+    materializes more than the cache's own capacity. ``sinks``: as the reference.
     """
     ln = check_args(q, cache, lengths)
+    S = check_sinks(sinks, cache)
     b, kvh, cap, d = cache.shape
     qg = _group(q, kvh)
     pos = jnp.arange(cap, dtype=jnp.int32)[None, None, :]
@@ -120,11 +156,12 @@ def xla_decode_attention(q, cache, lengths, *, scale):
                                     cache.group_size).astype(q.dtype)
         vq = F.dequantize_kivi_values(cache.v_codes, cache.v_scale, cache.v_min, cache.bits,
                                       cache.v_group_size).astype(q.dtype)
-        parts = [partial_attention(qg, kq, vq, pos < nq[..., None], scale),
-                 kivi_ring_partial(qg, cache, ln, scale)]
-        acc, m, l = (jnp.stack(x, axis=2) for x in zip(*parts))
-        return _finish(combine(acc, m, l), q)
-    k, v = cache.dequantize(ln)
-    acc, m, l = partial_attention(qg, k.astype(q.dtype), v.astype(q.dtype), pos < ln[..., None],
-                                  scale)
-    return _finish(combine(acc[:, :, None], m[:, :, None], l[:, :, None]), q)
+        parts = [partial_attention(qg, kq, vq, (pos < nq[..., None]) & (pos >= S), scale),
+                 kivi_ring_partial(qg, cache, ln, scale, skip=S)]
+    else:
+        k, v = cache.dequantize(ln)
+        parts = [partial_attention(qg, k.astype(q.dtype), v.astype(q.dtype),
+                                   (pos < ln[..., None]) & (pos >= S), scale)]
+    if S:
+        parts.append(sink_partial(qg, sinks, ln, scale))
+    return _merge(parts, q)

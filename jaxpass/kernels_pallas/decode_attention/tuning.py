@@ -65,12 +65,15 @@ def default_config(cache, groups: int) -> DecodeConfig:
         block_k = 32
     while block_k > 16 and cap % block_k:
         block_k //= 2
-    splits = 1
-    while (b * kvh * splits * 2 <= TARGET_PROGRAMS and cap % (splits * 2 * block_k) == 0
-           and cap // (splits * 2) >= 4 * block_k):
+    splits = 1   # any count works (splits are rounded to whole steps); keep >= 4 steps each
+    while b * kvh * splits * 2 <= TARGET_PROGRAMS and cap // (splits * 2) >= 4 * block_k:
         splits *= 2
     kivi = cache.kind == "kivi"
-    return DecodeConfig(block_k=block_k, num_splits=splits, num_warps=4,
+    # 2026-11-23 H100 sweep at head dim 64 (batch 32, 2112 tokens): KIVI-4 with 2 warps 65-68 us
+    # against 77-78 us with 4 (the [rows, d*bits/8] code tiles are narrow); at head dim 128 /
+    # 32K, 4 warps (docs/decode_attention.md).
+    warps = 2 if kivi and d <= 64 else 4
+    return DecodeConfig(block_k=block_k, num_splits=splits, num_warps=warps,
                         num_stages=2 if kivi else 3,
                         kivi_block=int(kivi and block_k % cache.group_size == 0))
 

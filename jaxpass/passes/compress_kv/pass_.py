@@ -68,9 +68,9 @@ class CompressKV:
         methods as published. Why: the first tokens are attention sinks (StreamingLLM):
         every query reads them, so their quantization error reaches every output: on SmolLM2-135M, KIVI-2's
         perplexity loss goes from +27% to about +9% with 4 sinks (docs/kv_cache.md). Costs
-        ``2 * S * d`` model-dtype values per layer and KV head, and decode steps then use the
-        dequantizing XLA path instead of the decode-attention kernel (whose formats have no
-        sink rows).
+        ``2 * S * d`` model-dtype values per layer and KV head; decode steps give the rows to
+        the decode-attention kernel as ``sinks`` (it masks those positions in the format and
+        merges one more partial).
     """
 
     method: str = "int8"
@@ -203,8 +203,8 @@ class CompressKV:
                                 "hold it)")
             if policy.sinks:
                 report.notes.append(f"the first {policy.sinks} tokens are kept and read at full "
-                                    "precision (full_precision_sinks); decode steps use the "
-                                    "dequantizing XLA attention, not the decode kernel")
+                                    "precision (full_precision_sinks); decode steps pass them to "
+                                    "decode_attention as sink rows (one more partial)")
         else:
             report.notes.append(f"{policy.name}: the cache-free forward is unchanged (eviction "
                                 "applies to the cache, after each prefill chunk / decode step)")

@@ -22,6 +22,7 @@ position before caching, so relative distances stay exact) and an importance sco
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -88,10 +89,15 @@ class QuantPolicy:
     sinks: int = 0                  # first tokens also kept (and read) at full precision
 
     def capacity(self, length: int, layer: int, n_layers: int) -> int:
+        """Rows of the format: ``length`` rounded up to whole KIVI key groups, and for every
+        format to a multiple of 16 (the decode kernels stream whole 16-row steps; a
+        ``generate`` capacity of prompt + new tokens is rarely one). Rows past ``length``
+        are never written or read."""
+        unit = 16
         if self.kind == "kivi":
             g = dict(self.options)["group_size"]
-            return -(-length // g) * g
-        return length
+            unit = g * 16 // math.gcd(g, 16)
+        return -(-length // unit) * unit
 
     def init_state(self, b, length, kvh, d, dtype, layer, n_layers):
         cap = self.capacity(length, layer, n_layers)
@@ -144,12 +150,14 @@ class QuantPolicy:
         b, t = positions.shape
         new_len = positions[:, -1].astype(jnp.int32) + 1
         if t == 1:
-            # The kernels read the format's arrays only: with full-precision sinks the decode
-            # step goes through the dequantizing path, which reads the sink rows.
-            kernel = (_decode_kernel() if (self.use_kernel and self.kind != "fp8"
-                                           and not self.sinks) else None)
+            kernel = (_decode_kernel() if (self.use_kernel and self.kind != "fp8") else None)
             if kernel is not None and sliding_window is None:
-                out = kernel(q[:, 0], step.new_state(), new_len, scale=scale, backend="auto")
+                st = step.new_state()
+                if self.sinks:       # the kernels read the sink rows as one more partial
+                    out = kernel(q[:, 0], st.inner, new_len, scale=scale, backend="auto",
+                                 sinks=(st.k, st.v))
+                else:
+                    out = kernel(q[:, 0], st, new_len, scale=scale, backend="auto")
                 return out[:, None].astype(q.dtype)
             # Decode over the cache as stored after the update (what the kernel reads).
             k, v, pos = self._dequantized(step.new_state(), new_len)
