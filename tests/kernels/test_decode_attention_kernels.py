@@ -18,6 +18,8 @@ KINDS = {
     "int8": ("int8", {}),
     "kivi4": ("kivi", dict(bits=4, group_size=16, residual=32)),
     "kivi2": ("kivi", dict(bits=2, group_size=16, residual=32, v_group_size=16)),
+    # 16 packed bytes per row, value groups of 32 channels: each group spans two planes
+    "kivi2g32": ("kivi", dict(bits=2, group_size=16, residual=32, v_group_size=32)),
     "sparse": ("sparse", dict(sparsity=0.5)),
 }
 
@@ -35,7 +37,8 @@ def _rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("name", ["dense", "kivi4", "sparse", pytest.param("int8", marks=pytest.mark.slow),
+@pytest.mark.parametrize("name", ["dense", "kivi4", "sparse", "kivi2g32",
+                                  pytest.param("int8", marks=pytest.mark.slow),
                                   pytest.param("kivi2", marks=pytest.mark.slow)])
 def test_triton_kernel_matches_reference_f32(name):
     kind, opts = KINDS[name]
@@ -75,7 +78,7 @@ def test_triton_kernel_matches_reference_bf16(name):
 
 
 @pytest.mark.parametrize("name,dtype,tol", [
-    ("kivi4", jnp.float32, 2e-6), ("kivi4", jnp.bfloat16, 6e-3),
+    ("kivi4", jnp.float32, 2e-6), ("kivi4", jnp.bfloat16, 6e-3), ("kivi2g32", jnp.float32, 2e-6),
     pytest.param("kivi2", jnp.bfloat16, 6e-3, marks=pytest.mark.slow)])
 def test_kivi_block_dequant_variant_matches_reference(name, dtype, tol):
     """``kivi_block=1``: keys dequantized per block (group scale rows broadcast to their tokens,

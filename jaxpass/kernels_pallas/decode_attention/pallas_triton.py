@@ -103,8 +103,9 @@ def check(q_shape, q_dtype, cache, cfg: DecodeConfig) -> str | None:
             return f"KIVI group_size {G} must be a power of two >= 16 dividing block_k"
         if n < 16:
             return f"KIVI: {n} packed bytes per row (< 16, too narrow for a dot)"
-        if gv < d and (n % gv or not _pow2(gv) or gv < 16):
-            return f"KIVI v_group_size {gv} must be a power of two >= 16 dividing {n} (or >= d)"
+        if gv < d and ((n % gv and gv % n) or not _pow2(gv) or gv < 16):
+            return (f"KIVI v_group_size {gv} must be a power of two >= 16 dividing or divisible "
+                    f"by the {n} packed bytes per row (or >= d)")
     return None
 
 
@@ -160,8 +161,9 @@ def _kernel(len_ref, q_ref, *refs, kind, block_k, split_len, sm_scale, f32, cd, 
         qp = [q_ref[:, pl.ds(p * n, n)].astype(jnp.float32) * sm_scale for p in range(planes)]
         if gv >= d:                                      # one value group per token
             cw, n_chunks = n, 1
-        else:
-            cw, n_chunks = gv, n // gv
+        else:        # a group within a plane's n bytes, or (2-bit, small d) spanning planes
+            cw = min(gv, n)
+            n_chunks = n // cw
         # accumulator tiles in the order (plane, chunk): channels p*n + j*cw + [0, cw)
         tiles = [(p, j) for p in range(planes) for j in range(n_chunks)]
         accs0 = tuple(jnp.zeros((gp, cw), jnp.float32) for _ in tiles)
