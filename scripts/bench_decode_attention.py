@@ -48,6 +48,8 @@ FORMATS = {
     "kivi4": ("kivi", dict(bits=4, group_size=32, residual=128)),
     "kivi4b": ("kivi", dict(bits=4, group_size=32, residual=128, stats_dtype="bfloat16")),
     "kivi2": ("kivi", dict(bits=2, group_size=32, residual=128)),
+    # value groups of 64 channels over 32 packed bytes per row: a group spans two planes
+    "kivi2g64": ("kivi", dict(bits=2, group_size=32, residual=128, v_group_size=64)),
     "sparse": ("sparse", dict(sparsity=0.5)),
 }
 L2_BYTES = 50e6
@@ -154,7 +156,7 @@ def gpu_check(DA, F):
         k = (jax.random.normal(ks[0], (b, kvh, L, d)) * 1.5 + 0.3).astype(dt)
         v = jax.random.normal(ks[1], (b, kvh, L, d)).astype(dt)
         q = jax.random.normal(ks[2], (b, kvh * g, d)).astype(dt)
-        for name in ("dense", "int8", "kivi4", "kivi4b", "kivi2", "sparse"):
+        for name in ("dense", "int8", "kivi4", "kivi4b", "kivi2", "kivi2g64", "sparse"):
             kind, opts = FORMATS[name]
             cache = F.from_dense(kind, k, v, lengths=lens, **opts)
             ref = DA.reference_decode_attention(q, cache, lens, scale=d ** -0.5)
