@@ -97,3 +97,20 @@ def split_k_call(kernel, args, *, grid, split: int, m: int, n: int, out_dtype, n
         name=name,
     )(*args)
     return out.sum(axis=0).astype(out_dtype) if split > 1 else out
+
+
+def store_block(o_ref, acc, *, gemv, split, pid_s, m0, n0, bm, bn, m, n_ok):
+    """Writes a program's accumulator: per row (row-reduce form) or as one tile; an f32 partial
+    per K split, else the output in its dtype."""
+    def store(row, val, mask):
+        if split > 1:
+            plgpu.store(o_ref.at[pid_s, row, pl.ds(n0, bn)], val, mask=mask)
+        else:
+            plgpu.store(o_ref.at[row, pl.ds(n0, bn)], val.astype(o_ref.dtype), mask=mask)
+
+    if gemv:
+        for r in range(bm):
+            store(jnp.asarray(m0 + r, jnp.int32), acc[r], n_ok & (m0 + r < m))
+    else:
+        m_ok = (m0 + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)) < m
+        store(pl.ds(m0, bm), acc, m_ok & n_ok[None, :])

@@ -120,21 +120,14 @@ def _kernel(x_ref, words_ref, values_ref, off_ref, o_ref, *, m, n, bm, bn, bw, s
             idx = idx + bit
         return acc
 
-    def store(rows, val, mask):
-        if split > 1:
-            plgpu.store(o_ref.at[pid_s, rows, pl.ds(n0, bn)], val, mask=mask)
-        else:
-            plgpu.store(o_ref.at[rows, pl.ds(n0, bn)], val.astype(o_ref.dtype), mask=mask)
-
     if gemv:
         acc0 = tuple(jnp.zeros((bn, bw), jnp.float32) for _ in range(bm))
         acc = triton_common.prefetched_loop(steps, load, compute, acc0, prefetch)
-        for r in range(bm):
-            store(jnp.asarray(m0 + r, jnp.int32), jnp.sum(acc[r], axis=1), n_ok & (m0 + r < m))
+        acc = tuple(jnp.sum(a, axis=1) for a in acc)
     else:
         acc = triton_common.prefetched_loop(steps, load, compute, jnp.zeros((bm, bn), jnp.float32), prefetch)
-        m_ok = (m0 + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)) < m
-        store(pl.ds(m0, bm), acc, m_ok & n_ok[None, :])
+    triton_common.store_block(o_ref, acc, gemv=gemv, split=split, pid_s=pid_s, m0=m0, n0=n0, bm=bm,
+                              bn=bn, m=m, n_ok=n_ok)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))

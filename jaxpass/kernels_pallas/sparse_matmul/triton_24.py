@@ -4,7 +4,7 @@
 Both walk K in steps of ``8 * groups``, each step two half-steps (groups ``g0`` and ``g0 + K/8``,
 paired in one metadata byte); per half-step a group of 4 keeps two values ``v0, v1`` at
 positions ``i0 < i1``. This module holds the config rules and default tiles, and the arithmetic
-of one half-step: the row-reduce form for M <= 8 (gather the activation at each kept position)
+of one half-step (the block store is ``triton_common.store_block``): the row-reduce form for M <= 8 (gather the activation at each kept position)
 and the tensor-core form (rebuild the four dense tiles, four dots).
 """
 
@@ -75,19 +75,3 @@ def dot_tiles(acc, x_ref, i0, i1, v0, v1, *, g0, m0, m, bm, groups, prec):
                                     preferred_element_type=jnp.float32)
     return acc
 
-
-def store_block(o_ref, acc, *, gemv, split, pid_s, m0, n0, bm, bn, m, n_ok):
-    """Writes a program's accumulator: per row (row-reduce form) or as one tile; an f32 partial
-    per K split, else the output in its dtype."""
-    def store(row, val, mask):
-        if split > 1:
-            plgpu.store(o_ref.at[pid_s, row, pl.ds(n0, bn)], val, mask=mask)
-        else:
-            plgpu.store(o_ref.at[row, pl.ds(n0, bn)], val.astype(o_ref.dtype), mask=mask)
-
-    if gemv:
-        for r in range(bm):
-            store(jnp.asarray(m0 + r, jnp.int32), acc[r], n_ok & (m0 + r < m))
-    else:
-        m_ok = (m0 + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)) < m
-        store(pl.ds(m0, bm), acc, m_ok & n_ok[None, :])

@@ -153,11 +153,9 @@ class QuantPolicy:
             kernel = (_decode_kernel() if (self.use_kernel and self.kind != "fp8") else None)
             if kernel is not None and sliding_window is None:
                 st = step.new_state()
-                if self.sinks:       # the kernels read the sink rows as one more partial
-                    out = kernel(q[:, 0], st.inner, new_len, scale=scale, backend="auto",
-                                 sinks=(st.k, st.v))
-                else:
-                    out = kernel(q[:, 0], st, new_len, scale=scale, backend="auto")
+                # with sinks, the kernels read the sink rows as one more partial
+                fmt, sinks = (st.inner, (st.k, st.v)) if self.sinks else (st, None)
+                out = kernel(q[:, 0], fmt, new_len, scale=scale, backend="auto", sinks=sinks)
                 return out[:, None].astype(q.dtype)
             # Decode over the cache as stored after the update (what the kernel reads).
             k, v, pos = self._dequantized(step.new_state(), new_len)
