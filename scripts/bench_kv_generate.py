@@ -47,6 +47,7 @@ CACHES = {
     "kivi4-xla": C(method="kivi", bits=4, use_kernel=False),
     "snapkv25": C(method="snapkv", budget=0.25),
     "streaming25": C(method="streaming", budget=0.25),
+    "h2o25": C(method="h2o", budget=0.25),
 }
 
 
@@ -69,6 +70,16 @@ def decode_peak(m, batch, context):
                                params, cache, ids, donate_argnums=(1,))["peak"]
 
 
+def prefill_peak(m, batch, prompt, capacity):
+    """XLA's peak bytes of the jitted prefill of ``batch`` x ``prompt`` tokens into a cache of
+    ``capacity`` (compiled, not run): what query-chunked attention keeps bounded."""
+    cache = jax.eval_shape(lambda: m.init_cache(batch, capacity))
+    fn, params, state = pure_method(m, "forward_cached")
+    ids = jax.ShapeDtypeStruct((batch, prompt), jnp.int32)
+    return evaluate.peak_bytes(lambda p, c, i: fn(p, state, i, c, jnp.int32(0)),
+                               params, cache, ids, donate_argnums=(1,))["peak"]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="1b")
@@ -82,12 +93,18 @@ def main():
     ap.add_argument("--budget-gb", type=float, default=40.0)
     ap.add_argument("--fit-context", type=int, default=32768)
     ap.add_argument("--out", default="")
+    ap.add_argument("--max-score-mb", type=float, default=0.0,
+                    help="attention's query-chunking threshold (MiB of f32 scores; 0: the "
+                         "library default, jaxpass.models.attention.max_score_bytes())")
+    ap.add_argument("--no-fit", action="store_true", help="skip the largest-batch search")
     ap.add_argument("--profile", action="store_true",
                     help="only: per-kernel device time of one decode step at --prompt tokens")
     args = ap.parse_args()
     if args.profile:
         return profile(args)
 
+    if args.max_score_mb:
+        models.attention.MAX_SCORE_BYTES = int(args.max_score_mb * 2 ** 20)
     model = build(args.model, args.dtype, args.layers)
     example = jnp.zeros((1, 16), jnp.int32)
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (args.batch, args.prompt))
@@ -97,13 +114,17 @@ def main():
         p = CACHES[name]
         m = model if p is None else jaxpass.transform(model, passes=[p], example_args=(example,))
         row = {"cache": name, "model": args.model, "layers": model.config.num_layers,
-               "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+               "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+               "batch": args.batch, "prompt": args.prompt,
+               "max_score_bytes": models.attention.max_score_bytes()}
         L = args.fit_context
         per_token = evaluate.tree_bytes(jax.eval_shape(lambda: m.init_cache(1, L))) / L
         params = evaluate.param_bytes(model)
         row["kv_bytes_per_token"] = per_token
         t0 = time.time()
         try:
+            row["prefill_peak_gb"] = prefill_peak(m, args.batch, args.prompt,
+                                                  args.prompt + args.steps) / 2 ** 30
             r = time_generation(m, ids, args.steps, repeats=args.repeats)
             row.update(r)
         except Exception as e:  # report, keep measuring the other caches
@@ -112,7 +133,7 @@ def main():
         est = int((budget - params) // (per_token * L))
         fit = None
         for b in (est, int(est * 0.85), int(est * 0.6), int(est * 0.3)):
-            if b < 1:
+            if b < 1 or args.no_fit:
                 continue
             try:
                 peak = decode_peak(m, b, L)

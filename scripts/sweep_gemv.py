@@ -24,8 +24,9 @@ from gpu_timing import copies_needed, copy_bandwidth, device_time_us  # noqa: E4
 from gpu_kernel_check import import_kernels, rel_err  # noqa: E402
 
 
-def grid(n, bits, wide):
-    """Configs swept: the best block shapes of a wider first sweep, each with every decode."""
+def grid(n, wide):
+    """Configs swept: the best block shapes of a wider first sweep (the decode variants it once
+    crossed them with were removed from the kernel: docs/bench_matmul.md)."""
     from jaxpass.kernels_pallas.quantized_matmul.config import GemvConfig
     shapes = [(32, 32, 8, 2), (64, 16, 8, 4), (128, 16, 8, 4), (64, 32, 8, 4), (64, 32, 4, 4),
               (32, 64, 4, 4), (64, 16, 4, 4), (128, 32, 4, 8)]
@@ -34,8 +35,7 @@ def grid(n, bits, wide):
                   (32, 64, 2, 4)]
     if wide:
         shapes += [(bn, bw, s, 4) for bn in (32, 64, 128) for bw in (16, 32, 64) for s in (2, 4, 8)]
-    decodes = (0, 1, 2) if bits == 4 else (0,)
-    return [GemvConfig(bn, bw, s, w, 2, d) for d in decodes for bn, bw, s, w in shapes]
+    return [GemvConfig(bn, bw, s, w, 2) for bn, bw, s, w in shapes]
 
 
 def main():
@@ -94,7 +94,7 @@ def main():
                 words = [(xs[i % 4], pws[i][0], gemv.as_words(pws[i][0])) for i in range(copies)]
                 jax.block_until_ready(words)
                 sweep, best = [], None
-                for cfg in grid(n, pw.bits, args.wide):
+                for cfg in grid(n, args.wide):
                     if gemv.check_config(xs[0].shape, xs[0].dtype, pw, cfg):
                         continue
 

@@ -33,12 +33,78 @@ import jax.numpy as jnp
 from jaxpass.core.ops import define_op
 
 
+# Largest float32 score tensor one attention call materializes; above it the queries are split
+# into chunks that run one after another (``over_query_chunks``). A query row's softmax needs
+# only its own scores, so each row's result is unchanged, and a long prefill no longer holds
+# ``b * h * t * L * 4`` bytes at once (8K tokens, 9 heads: 2.4 GB per layer). Per backend,
+# measured (docs/kv_cache.md): on a 2-core CPU at 8192 tokens with SmolLM2's 9 heads one layer
+# went from 16.9 s to 6.8 s with 256 MiB chunks; on an H100 the loop costs prefill speed, so
+# accelerators chunk only far larger score tensors. ``MAX_SCORE_BYTES`` overrides both.
+MAX_SCORE_BYTES: int | None = None
+DEFAULT_SCORE_BYTES = {"cpu": 256 * 2 ** 20}
+ACCELERATOR_SCORE_BYTES = 4 * 2 ** 30
+
+
+def max_score_bytes() -> int:
+    """The chunking threshold in effect: ``MAX_SCORE_BYTES`` if set, else the default backend's."""
+    if MAX_SCORE_BYTES is not None:
+        return MAX_SCORE_BYTES
+    return DEFAULT_SCORE_BYTES.get(jax.default_backend(), ACCELERATOR_SCORE_BYTES)
+
+
+def over_query_chunks(fn, queries, *, keys_length: int, heads: int, out_axes,
+                      max_bytes: int | None = None):
+    """``fn(*queries)``, with the arrays ``queries`` (each ``[b, t, ...]``) split along ``t`` into
+    chunks whose float32 scores (``b * heads * chunk * keys_length * 4`` bytes) fit ``max_bytes``
+    (default: :func:`max_score_bytes`, read at call time).
+
+    ``fn`` must treat query rows independently. ``out_axes``: for each of ``fn``'s outputs (one
+    array, or a tuple), the axis holding the query rows (the chunks are concatenated there), or
+    ``None`` for an output that sums over rows (the chunks' outputs are added). The chunks run as
+    one ``lax.map`` (one chunk's scores live at a time). The last chunk is padded with zero rows
+    (every input zero); padded rows are sliced off, so an output summed over rows must give
+    them zero weight (pass a per-row weight among ``queries``).
+    """
+    b, t = queries[0].shape[:2]
+    max_bytes = max_score_bytes() if max_bytes is None else max_bytes
+    most = max(1, max_bytes // (4 * b * heads * max(keys_length, 1)))
+    if most >= t:
+        return fn(*queries)
+    n = -(-t // most)
+    chunk = -(-t // n)             # n equal chunks: at most n - 1 padded rows
+    pad = n * chunk - t
+
+    def split(a):
+        if pad:
+            a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+        return jnp.moveaxis(a.reshape(b, n, chunk, *a.shape[2:]), 1, 0)
+
+    def merge(o, axis):     # [n, ..., chunk (at axis + 1), ...] -> [..., t, ...]
+        if axis is None:
+            return o.sum(axis=0)
+        o = jnp.moveaxis(o, 0, axis)
+        o = o.reshape(*o.shape[:axis], n * chunk, *o.shape[axis + 2:])
+        return jax.lax.slice_in_dim(o, 0, t, axis=axis)
+
+    out = jax.lax.map(lambda qs: fn(*qs), tuple(split(a) for a in queries))
+    if not isinstance(out_axes, tuple):
+        return merge(out, out_axes)
+    return tuple(merge(o, a) for o, a in zip(out, out_axes))
+
+
 def _attend(q, k, v, q_pos, k_pos, scale, sliding_window):
-    """Grouped-query softmax attention of q ``[b,t,h,d]`` over k/v ``[b,L,kvh,d]``.
+    """Grouped-query softmax attention of q ``[b,t,h,d]`` over k/v ``[b,L,kvh,d]`` (in query
+    chunks when the scores would pass ``MAX_SCORE_BYTES``).
 
     ``q_pos`` ``[b, t]`` and ``k_pos`` ``[b, L]`` are absolute positions; a key is visible when
     ``k_pos <= q_pos`` (and within the sliding window).
     """
+    return over_query_chunks(
+        lambda qc, pc: _attend_rows(qc, k, v, pc, k_pos, scale, sliding_window), (q, q_pos),
+        keys_length=k.shape[1], heads=q.shape[2], out_axes=1)
+
+
+def _attend_rows(q, k, v, q_pos, k_pos, scale, sliding_window):
     b, t, h, d = q.shape
     kvh = k.shape[2]
     g = h // kvh

@@ -264,3 +264,19 @@ def test_decode_eviction_replaces_the_slot_top_k_would_drop():
                 for p, sc, kk, vv in zip(s.pos[i, h], s.score[i, h], s.k[i, h], s.v[i, h]))
             assert rows(a) == rows(r), (i, h)
     assert 50 not in np.asarray(r.pos[2, 0]).tolist()
+
+
+def test_bf16_model_generates_through_slot_attention():
+    """A bf16 model's eviction cache decodes: slot attention with bf16 operands hit a dot that
+    XLA's CPU runtime rejects (18 slots). The prefill attends to every prompt token, so the first
+    new token is the uncompressed model's."""
+    cfg = models.configs.tiny(dtype="bfloat16", param_dtype="bfloat16")
+    model = models.random_model(cfg)
+    t = jaxpass.transform(model, passes=[passes.CompressKV(method="snapkv", budget=0.25)],
+                          example_args=(jnp.zeros((1, 16), jnp.int32),))
+    ids = np.random.default_rng(0).integers(0, 97, (2, 64)).astype(np.int32)
+    out = np.asarray(models.generate(t, ids, max_new_tokens=6))       # capacity 70: 18 slots
+    assert out.shape == (2, 70)
+    np.testing.assert_array_equal(out[:, :64], ids)
+    assert ((out[:, 64:] >= 0) & (out[:, 64:] < 97)).all()
+    np.testing.assert_array_equal(out[:, 64], np.asarray(models.generate(model, ids, 1))[:, 64])

@@ -13,6 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxpass.models.attention import over_query_chunks
+
 
 def new_tokens(k_slots, v_slots, k_new, v_new, positions):
     """The step's tokens head-major like the slots: ``K [b,kvh,t,dk]``, ``V [b,kvh,t,dv]`` (cast
@@ -25,21 +27,52 @@ def new_tokens(k_slots, v_slots, k_new, v_new, positions):
     return kn, vn, pn
 
 
-def attend(q, k, v, pos, positions, *, scale, sliding_window=None, out_dtype=None, new=None):
+def _dot_dtype(dtype):
+    """The dots' operand dtype: the query's, except bf16 on the CPU backend, where XLA's CPU
+    runtime (jax 0.10.2) rejects some batched bf16 x bf16 -> f32 dots of this layout
+    ("Unsupported element type for DotThunk", e.g. 18 slots of head dim 8) and has no fast bf16
+    matmul to lose: f32 there."""
+    if jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu":
+        return jnp.float32
+    return dtype
+
+
+def attend(q, k, v, pos, positions, *, scale, sliding_window=None, out_dtype=None, new=None,
+           mass_rows=None):
     """Grouped-query attention of ``q [b, t, h, dk]`` over ``k [b, kvh, S, dk]``,
     ``v [b, kvh, S, dv]`` at slot positions ``pos [b, kvh, S]``, and over ``new = (k, v, pos)``
     (head-major, :func:`new_tokens`) after them when given: the same as attending over the
     concatenation, without copying the stored slots (a decode step reads them once).
 
-    Returns ``(out [b, t, h, dv], probs [b, kvh, t, S (+ t_new)])`` where ``probs`` is the
-    attention mass each slot received, summed over the query heads of its group (float32; what
-    H2O accumulates and SnapKV pools).
+    Returns ``(out [b, t, h, dv], mass)``. ``mass_rows=n``: ``mass [b, kvh, S (+ t_new)]`` is
+    the attention probability each slot received from the last ``n`` query rows (all rows when
+    ``n >= t``), summed over those rows and the query heads of the slot's group (float32; what
+    H2O accumulates and SnapKV pools); ``None``: ``mass`` is None. Long prefills run in query
+    chunks (:func:`jaxpass.models.attention.over_query_chunks`), each adding its rows' mass, so
+    the ``[t, S]`` probabilities are never stored whole.
     """
+    t = q.shape[1]
+    n_keys = k.shape[2] + (new[0].shape[2] if new is not None else 0)
+    if mass_rows is None:
+        fn = lambda qc, pc: (_attend_rows(qc, k, v, pos, pc, None, scale, sliding_window,
+                                          out_dtype, new)[0],)
+        return over_query_chunks(fn, (q, positions), keys_length=n_keys, heads=q.shape[2],
+                                 out_axes=(1,))[0], None
+    weight = jnp.broadcast_to((jnp.arange(t) >= t - mass_rows).astype(jnp.float32), q.shape[:2])
+    return over_query_chunks(
+        lambda qc, pc, wc: _attend_rows(qc, k, v, pos, pc, wc, scale, sliding_window, out_dtype,
+                                        new),
+        (q, positions, weight), keys_length=n_keys, heads=q.shape[2], out_axes=(1, None))
+
+
+def _attend_rows(q, k, v, pos, positions, weight, scale, sliding_window, out_dtype, new):
+    """:func:`attend` of one block of query rows; ``weight [b, t]`` (or None) weights each row's
+    probabilities in the returned mass."""
     b, t, h, dk = q.shape
     kvh = k.shape[1]
     g = h // kvh
-    cdt = q.dtype
-    qg = q.reshape(b, t, kvh, g, dk)
+    cdt = _dot_dtype(q.dtype)
+    qg = q.astype(cdt).reshape(b, t, kvh, g, dk)
     segments = [(k, v)] + ([new[:2]] if new is not None else [])
     scores = jnp.concatenate(
         [jnp.einsum("btkgd,bksd->bkgts", qg, ks.astype(cdt), preferred_element_type=jnp.float32)
@@ -61,4 +94,6 @@ def attend(q, k, v, pos, positions, *, scale, sliding_window=None, out_dtype=Non
                                vs.astype(cdt), preferred_element_type=jnp.float32)
         at += n
     out = out.reshape(b, t, h, v.shape[-1]).astype(out_dtype or q.dtype)
-    return out, probs.sum(axis=2)
+    if weight is None:
+        return out, None
+    return out, jnp.einsum("bkgts,bt->bks", probs, weight)

@@ -289,9 +289,10 @@ class EvictPolicy:
         st = step.side.state
         if st.channels is None:
             new = new_tokens(st.k, st.v, step.k_new, step.v_new, positions)
-            out, probs = attend(q, st.k, st.v, st.pos, positions, scale=scale,
-                                sliding_window=sliding_window, out_dtype=q.dtype, new=new)
-            step.stats.update(new=new, probs=probs)
+            out, mass = attend(q, st.k, st.v, st.pos, positions, scale=scale,
+                               sliding_window=sliding_window, out_dtype=q.dtype, new=new,
+                               mass_rows=self._mass_rows(q.shape[1]))
+            step.stats.update(new=new, mass=mass)
             return out
         # ThinK: stored keys have only the kept channels, so queries read them on those
         # channels; the step's own tokens are not pruned yet and are read on all channels (as
@@ -308,31 +309,31 @@ class EvictPolicy:
         k_old = jnp.pad(st.k, ((0, 0), (0, 0), (0, 0), (0, d)))
         k_new = jnp.pad(step.k_new, ((0, 0), (0, 0), (0, 0), (dk, 0)))
         both = new_tokens(k_old, st.v, k_new, step.v_new, positions)
-        out, probs = attend(jnp.concatenate([q_kept, q], axis=-1), k_old, st.v, st.pos,
-                            positions, scale=scale, sliding_window=sliding_window,
-                            out_dtype=q.dtype, new=both)
-        step.stats.update(new=new, probs=probs)
+        out, mass = attend(jnp.concatenate([q_kept, q], axis=-1), k_old, st.v, st.pos,
+                           positions, scale=scale, sliding_window=sliding_window,
+                           out_dtype=q.dtype, new=both, mass_rows=self._mass_rows(t))
+        step.stats.update(new=new, mass=mass)
         return out
+
+    def _mass_rows(self, t):
+        """Query rows whose attention scores a slot: all (H2O accumulates every query's), else
+        SnapKV's observation window, the last ``window`` (32) queries of the chunk."""
+        return t if self.name == "h2o" else min(self.window or 32, t)
 
     def finish(self, step):
         st = step.side.state
-        if "probs" not in step.stats:
+        if "mass" not in step.stats:
             raise PassError(f"CompressKV(method={self.name!r}) at layer {step.side.layer}: the "
                             "cache was updated but jaxpass.cached_attention never read it, so "
                             "there are no attention scores to evict by")
-        new, probs = step.stats["new"], step.stats["probs"]
+        new, mass = step.stats["new"], step.stats["mass"]
         pos = jnp.concatenate([st.pos.astype(jnp.int32), new[2]], axis=-1)
         cap = st.pos.shape[-1]
         t = step.positions.shape[1]
-        if self.name == "h2o":
-            mass = probs.sum(axis=2)
-        else:
-            n_obs = min(self.window or 32, t)
-            mass = probs[:, :, -n_obs:, :].sum(axis=2)
-            if self.name in ("snapkv", "pyramidkv") and self.pool > 1:
-                mass = jax.lax.reduce_window(mass, -jnp.inf, jax.lax.max, (1, 1, self.pool),
-                                             (1, 1, 1), "SAME")
-        score = jnp.concatenate([st.score, jnp.zeros(probs.shape[:2] + (t,), jnp.float32)], -1)
+        if self.name in ("snapkv", "pyramidkv") and self.pool > 1:
+            mass = jax.lax.reduce_window(mass, -jnp.inf, jax.lax.max, (1, 1, self.pool),
+                                         (1, 1, 1), "SAME")
+        score = jnp.concatenate([st.score, jnp.zeros(mass.shape[:2] + (t,), jnp.float32)], -1)
         score = score + mass
         valid = pos >= 0
         if self.name == "streaming":
