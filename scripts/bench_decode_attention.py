@@ -132,9 +132,10 @@ CANDIDATES = {  # (block_k, num_splits, num_warps, num_stages[, kivi_block]), sw
     "int8": [(64, 32, 4, 3), (128, 16, 4, 3), (128, 8, 4, 3), (64, 32, 4, 2), (32, 32, 4, 3),
              (64, 64, 4, 3), (32, 64, 2, 3)],
     "sparse": [(32, 32, 4, 2), (16, 64, 4, 2), (32, 16, 4, 2), (64, 16, 4, 2)],
-    # kivi_block 1 / 2: keys dequantized per block, one dot per plane (pallas_triton.py)
+    # kivi_block 1 / 2: keys dequantized per block, one dot per plane; 3: scales on the query
+    # side, one dot per plane for all groups of a block (pallas_triton.py)
     "kivi": [(64, 32, 4, 3), (128, 16, 4, 2, 1), (128, 16, 4, 3, 1), (128, 16, 4, 2, 2),
-             (128, 16, 4, 3, 2), (128, 8, 4, 2, 1)],
+             (128, 16, 4, 3, 2), (128, 8, 4, 2, 1), (128, 16, 4, 3, 3), (64, 32, 4, 3, 3)],
 }
 
 
@@ -162,7 +163,7 @@ def gpu_check(DA, F):
             ref = DA.reference_decode_attention(q, cache, lens, scale=d ** -0.5)
             sinks = (k[:, :, :4] * 0.5, v[:, :, :4] + 0.5)
             ref_s = DA.reference_decode_attention(q, cache, lens, scale=d ** -0.5, sinks=sinks)
-            for kb in ((0, 1, 2) if kind == "kivi" else (0,)):
+            for kb in ((0, 1, 2, 3) if kind == "kivi" else (0,)):
                 for splits, snk, want in ((4, None, ref), (3, sinks, ref_s)):
                     o = DA.decode_attention(q, cache, lens, scale=d ** -0.5, backend="triton",
                                             config=DA.DecodeConfig(64, splits, 4, 2, kivi_block=kb),

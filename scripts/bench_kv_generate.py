@@ -60,24 +60,26 @@ def build(name, dtype, layers):
     return models.random_model(cfgs[name](**over))
 
 
-def decode_peak(m, batch, context):
-    """XLA's peak bytes of one jitted decode step at (batch, context) (compiled, not run)."""
-    init = m.init_cache
-    cache = jax.eval_shape(lambda: init(batch, context))
+def step_peak(m, batch, new_tokens, capacity, start):
+    """XLA's peak bytes of one jitted ``forward_cached`` step: ``new_tokens`` tokens per row at
+    position ``start`` into a cache of ``capacity`` (compiled, not run; cache donated, as the
+    ``generate`` loop carries it in place)."""
+    cache = jax.eval_shape(lambda: m.init_cache(batch, capacity))
     fn, params, state = pure_method(m, "forward_cached")
-    ids = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
-    return evaluate.peak_bytes(lambda p, c, i: fn(p, state, i, c, jnp.int32(context - 1)),
+    ids = jax.ShapeDtypeStruct((batch, new_tokens), jnp.int32)
+    return evaluate.peak_bytes(lambda p, c, i: fn(p, state, i, c, jnp.int32(start)),
                                params, cache, ids, donate_argnums=(1,))["peak"]
+
+
+def decode_peak(m, batch, context):
+    """Peak of one decode step at (batch, context)."""
+    return step_peak(m, batch, 1, context, context - 1)
 
 
 def prefill_peak(m, batch, prompt, capacity):
-    """XLA's peak bytes of the jitted prefill of ``batch`` x ``prompt`` tokens into a cache of
-    ``capacity`` (compiled, not run): what query-chunked attention keeps bounded."""
-    cache = jax.eval_shape(lambda: m.init_cache(batch, capacity))
-    fn, params, state = pure_method(m, "forward_cached")
-    ids = jax.ShapeDtypeStruct((batch, prompt), jnp.int32)
-    return evaluate.peak_bytes(lambda p, c, i: fn(p, state, i, c, jnp.int32(0)),
-                               params, cache, ids, donate_argnums=(1,))["peak"]
+    """Peak of the prefill of ``batch`` x ``prompt`` tokens: what query-chunked attention keeps
+    bounded."""
+    return step_peak(m, batch, prompt, capacity, 0)
 
 
 def main():

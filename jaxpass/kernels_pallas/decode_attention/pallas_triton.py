@@ -281,6 +281,39 @@ def _kernel(len_ref, q_ref, *refs, kind, block_k, split_len, sm_scale, f32, cd, 
         s = visible(s, off, block_k)
         return _online_update(carry, s, lambda prob: kivi_values(off, block_k, prob))
 
+    def kivi_batched_step(off, carry):
+        """``kivi_block=3``: a whole ``block_k`` of tokens with the scales on the query side (as
+        ``kivi_group``: no per-key dequantization arithmetic) and one dot per plane and query
+        part for all ``ng`` key groups of the step: rows ``[i * gp, (i + 1) * gp)`` of the left
+        operand are the query scaled by group ``i``'s scales, and each token keeps the rows of
+        its own group (the other ``ng - 1`` row blocks are tensor-core work thrown away)."""
+        ng = block_k // G
+        grp0 = off // G
+        kc = kc_ref[pl.ds(off, block_k), :].astype(jnp.uint16)
+        km = km_ref[pl.ds(grp0, ng), :].astype(jnp.float32)                       # [ng, d]
+        corr = jnp.sum(q[None, :, :] * km[:, None, :], axis=2)                   # q . k_min
+        big = None
+        for p in range(planes):
+            codes, bias = codes_of(kc, p)
+            ks = ks_ref[pl.ds(grp0, ng), pl.ds(p * n, n)].astype(jnp.float32)    # [ng, n]
+            qs = (qp[p][None, :, :] * ks[:, None, :]).reshape(ng * gp, n)
+            hi = qs.astype(cd)
+            parts = [hi]
+            if not f32:   # low part of the scaled query; bias removed with the rounded parts
+                lo = (qs - hi.astype(jnp.float32)).astype(cd)
+                parts.append(lo)
+                rounded = hi.astype(jnp.float32) + lo.astype(jnp.float32)
+                corr = corr - bias * jnp.sum(rounded, axis=1).reshape(ng, gp)
+            for part in parts:
+                sp = _dot(part, codes, f32)
+                big = sp if big is None else big + sp
+        scores = big.reshape(ng, gp, block_k) + corr[:, :, None]
+        own = (lax.broadcasted_iota(jnp.int32, (ng, 1, block_k), 0)
+               == lax.broadcasted_iota(jnp.int32, (ng, 1, block_k), 2) // G)
+        s = jnp.sum(jnp.where(own, scores, 0.0), axis=0)
+        s = visible(s, off, block_k)
+        return _online_update(carry, s, lambda prob: kivi_values(off, block_k, prob))
+
     def kivi_values(off, rows, prob):
         """``acc[tile] += (prob * v_scale) @ codes + prob . v_min`` over ``rows`` tokens."""
         out = []
@@ -302,6 +335,8 @@ def _kernel(len_ref, q_ref, *refs, kind, block_k, split_len, sm_scale, f32, cd, 
         off = start + i * block_k        # absolute position: the refs hold whole rows
         if kind != "kivi":
             return dense_step(off, carry)
+        if kivi_block == 3:
+            return kivi_batched_step(off, carry)
         if kivi_block:
             return kivi_block_step(off, carry)
         for u in range(block_k // G):
