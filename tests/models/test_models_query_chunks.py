@@ -105,3 +105,29 @@ def test_chunked_prefill_generates_the_same_tokens(monkeypatch):
         np.testing.assert_array_equal(g[:, :35], w)
     assert "stablehlo.while" in jax.jit(model).lower(prompt).as_text()   # the forward chunks
     np.testing.assert_allclose(np.asarray(model(prompt)), logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mass_rows", [None, 4])
+def test_prefill_into_empty_slots_attends_to_the_new_tokens_only(mass_rows):
+    """Every slot empty (a fresh prompt): ``attend`` takes the branch that skips the slots, with
+    the result of attending over slots + new tokens; any filled slot takes the full branch."""
+    q, k, v = _qkv(4, s=24)
+    ks, vs = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    _, k_new, v_new = _qkv(5)
+    new = slot_attend.new_tokens(ks, vs, k_new, v_new, positions)
+    for filled in (False, True):
+        pos = jnp.full((B, KVH, 24), -1, jnp.int32)
+        if filled:
+            pos = pos.at[1, 0, 5].set(2)
+        args = (q, ks, vs, pos, positions)
+        got = jax.jit(lambda *a: slot_attend.attend(*a, scale=0.3, new=new,
+                                                    mass_rows=mass_rows))(*args)
+        want = slot_attend._attend_chunked(*args, 0.3, None, None, new, mass_rows)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6)
+        if mass_rows is not None:
+            np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-7)
+            assert float(jnp.abs(got[1][:, :, :24]).max()) == (0.0 if not filled else
+                                                               float(jnp.abs(want[1][:, :, :24]).max()))
+    jaxpr = jax.make_jaxpr(lambda *a: slot_attend.attend(*a, scale=0.3, new=new))(*args)
+    assert "cond" in str(jaxpr)

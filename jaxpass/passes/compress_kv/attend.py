@@ -51,6 +51,28 @@ def attend(q, k, v, pos, positions, *, scale, sliding_window=None, out_dtype=Non
     chunks (:func:`jaxpass.models.attention.over_query_chunks`), each adding its rows' mass, so
     the ``[t, S]`` probabilities are never stored whole.
     """
+    if new is not None and q.shape[1] > 1:
+        # A prefill into an empty cache (every stored slot empty: a fresh prompt) needs only the
+        # new tokens: skipping the slots halves a quantized cache's prefill attention (its
+        # slots are the whole capacity). Same result, the slots' mass is zero either way.
+        def fresh():
+            out, mass = attend(q, *new, positions, scale=scale, sliding_window=sliding_window,
+                               out_dtype=out_dtype, mass_rows=mass_rows)
+            if mass is not None:
+                mass = jnp.concatenate([jnp.zeros(k.shape[:3], jnp.float32), mass], axis=-1)
+            return out, mass
+
+        def with_history():
+            return _attend_chunked(q, k, v, pos, positions, scale, sliding_window, out_dtype,
+                                   new, mass_rows)
+
+        return jax.lax.cond(jnp.all(pos < 0), fresh, with_history)
+    return _attend_chunked(q, k, v, pos, positions, scale, sliding_window, out_dtype, new,
+                           mass_rows)
+
+
+def _attend_chunked(q, k, v, pos, positions, scale, sliding_window, out_dtype, new, mass_rows):
+    """:func:`attend` over the slots and ``new``, in query chunks."""
     t = q.shape[1]
     n_keys = k.shape[2] + (new[0].shape[2] if new is not None else 0)
     if mass_rows is None:
