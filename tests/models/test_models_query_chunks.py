@@ -131,3 +131,27 @@ def test_prefill_into_empty_slots_attends_to_the_new_tokens_only(mass_rows):
                                                                float(jnp.abs(want[1][:, :, :24]).max()))
     jaxpr = jax.make_jaxpr(lambda *a: slot_attend.attend(*a, scale=0.3, new=new))(*args)
     assert "cond" in str(jaxpr)
+
+
+def test_a_row_that_sees_no_slot_gets_zero_output_and_mass():
+    """Queries before every stored position (or a cache with nothing left) attend to nothing:
+    zero output and zero mass, not the uniform weights a softmax over all-masked scores gives."""
+    q, k, v = _qkv(6, s=24)
+    ks, vs = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    pos = jnp.broadcast_to(jnp.arange(100, 124, dtype=jnp.int32), (B, KVH, 24))
+    positions = jnp.broadcast_to(jnp.arange(90, 90 + T, dtype=jnp.int32), (B, T))   # 90..126
+    out, mass = slot_attend.attend(q, ks, vs, pos, positions, scale=0.3, mass_rows=T)
+    blind = np.asarray(positions[0] < 100)
+    assert blind.sum() == 10 and np.all(np.asarray(out)[:, blind] == 0)
+    assert np.all(np.isfinite(np.asarray(out))) and np.all(np.abs(np.asarray(out)[:, ~blind]).sum(-1) > 0)
+    # the mass is what the seeing rows gave: each gives 1 per query head
+    np.testing.assert_allclose(np.asarray(mass).sum(-1), (H // KVH) * (~blind).sum(), rtol=1e-5)
+    # and a seeing row's output is the softmax average of the slots it sees
+    r = 20                                                     # position 110 sees slots 100..110
+    s = np.einsum("bhd,bksd->bhks", np.asarray(q[:, r]), np.asarray(ks)) * 0.3
+    hk = np.arange(H) // (H // KVH)
+    s = s[:, np.arange(H), hk][:, :, :11]
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.einsum("bhs,bhsd->bhd", p, np.asarray(vs)[:, hk, :11])
+    np.testing.assert_allclose(np.asarray(out)[:, r], want, rtol=1e-5, atol=1e-5)
