@@ -19,7 +19,9 @@ launch costs leaked into that slope and scattered it 2-3x between configs.)
 
 With ``--tune``, decode shapes (M <= 64) first sweep the kernel configs in ``candidates()`` (the
 word GEMV and the byte kernel at M = 1) and the best (or XLA, if faster) goes to
-tuned_configs.json, which the auto dispatch then uses. Full results go to $OUT (bench_results.json, tuned_configs.json).
+this machine's tuning cache (``--table user``, the default; ``--table package`` updates the shipped
+tuned_configs.json), which the auto dispatch then uses. Full results go to $OUT
+(bench_results.json, and with ``--tune`` a copy of the table).
 
     python scripts/bench_matmul.py --tune            # on the GPU; table printed last
     python scripts/bench_matmul.py --quick           # two shapes, decode M only
@@ -131,6 +133,10 @@ def main():
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--tune", action="store_true", help="sweep configs for decode M, write table")
+    ap.add_argument("--table", default="user",
+                    help="where --tune records its choices: 'user' (this machine's cache, "
+                         "tuning.user_table_path()), 'package' (the shipped tuned_configs.json) "
+                         "or a file path")
     ap.add_argument("--wide", action="store_true", help="a wider config sweep")
     ap.add_argument("--quick", action="store_true", help="two shapes, decode M only")
     ap.add_argument("--shapes", default="", help="comma-separated shape names (arg_specs)")
@@ -139,6 +145,8 @@ def main():
     ap.add_argument("--cpu_smoke", action="store_true", help="tiny shapes, interpreter (no GPU)")
     ap.add_argument("--budget_s", type=float, default=520.0, help="stop starting new work after")
     args = ap.parse_args()
+    table_path = {"user": tuning.user_table_path(), "package": tuning.TUNED_PATH}.get(
+        args.table, args.table)
     t_start = time.time()
     out_dir = os.environ.get("OUT", "/tmp/bench_out")
     os.makedirs(out_dir, exist_ok=True)
@@ -236,8 +244,7 @@ def main():
                     tuned[tkey] = dict(backend="xla", config=None, xla_us=round(fb_us, 2),
                                        bf16_us=round(row["bf16_us"], 2), device=dev.device_kind)
                 if args.tune and not interp:  # auto dispatch below reads the table tuned so far
-                    _write_table(tuning.TUNED_PATH, tuned, dev, keep_existing=True)
-                    tuning._table.cache_clear()
+                    tuning.record(tuned, dev.device_kind, table_path)
                 sel = api.select_implementation(xs[0].shape, xs[0].dtype, pw,
                                                 platform="gpu" if interp else None)
                 t_us = 1e6 * time_per_op(functools.partial(qmm.quantized_matmul, interpret=interp),
@@ -258,9 +265,9 @@ def main():
         json.dump(dict(device=dev.device_kind, jax=jax.__version__, copy_bw_gbps=bw / 1e9,
                        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                        argv=sys.argv, results=results), f, indent=1)
-    if args.tune:
-        _write_table(os.path.join(out_dir, "tuned_configs.json"), {}, dev, keep_existing=False,
-                     src=tuning.TUNED_PATH)
+    if args.tune and not interp:   # a copy of the table this run wrote, beside its results
+        tuning.record(tuning.read_entries(table_path), dev.device_kind,
+                      os.path.join(out_dir, "tuned_configs.json"))
 
     print(f"\ndevice {dev.device_kind}, jax {jax.__version__}, copy bandwidth "
           f"{bw / 1e9:.0f} GB/s; times in us; x = speed-up over bf16; %bw of the copy bandwidth")
@@ -278,19 +285,6 @@ def main():
                      f" {r_[f + '_backend']} |")
         print(line)
     print(f"total {time.time() - t_start:.0f} s")
-
-
-def _write_table(path, entries, dev, keep_existing, src=None):
-    table = {}
-    src = src or path
-    if (keep_existing or src != path) and os.path.exists(src):
-        with open(src) as f:
-            table = json.load(f).get("entries", {})
-    table.update(entries)
-    with open(path, "w") as f:
-        json.dump(dict(note="written by scripts/bench_matmul.py --tune; keys: "
-                            "format|x dtype|M bucket|K|N", device=dev.device_kind,
-                       entries=table), f, indent=1, sort_keys=True)
 
 
 if __name__ == "__main__":

@@ -149,3 +149,38 @@ def test_quantized_matmul_bad_arguments(bad, match):
     x = jnp.asarray(bad.get("x", np.ones((2, 256), np.float32)))
     with pytest.raises(ValueError, match=match):
         api.quantized_matmul(x, bad.get("w", _pw()), backend=bad.get("backend", "auto"))
+
+
+def test_tuning_cache_on_disk_overrides_the_shipped_table(tmp_path, monkeypatch):
+    """A tuning run records into this machine's cache (``$JAXPASS_TUNING_DIR``), never the
+    package; its entries win over the shipped table's, and the shipped ones still apply."""
+    from jaxpass.kernels_pallas.quantized_matmul import tuning
+    monkeypatch.setenv("JAXPASS_TUNING_DIR", str(tmp_path))
+    tuning._table.cache_clear()
+    try:
+        _check_tuning_cache(tuning, tmp_path)
+    finally:                      # later tests must not see this test's table
+        monkeypatch.delenv("JAXPASS_TUNING_DIR")
+        tuning._table.cache_clear()
+
+
+def _check_tuning_cache(tuning, tmp_path):
+    shipped = tuning.read_entries(tuning.TUNED_PATH)
+    some_key = sorted(shipped)[0]
+    pw = random_packed(np.random.default_rng(1), 256, 96, 4, 32, True)
+    m = 3
+    assert tuning.lookup(pw.format, jnp.bfloat16, m, pw.k, pw.n) is None
+    assert api.select_implementation((m, 256), jnp.bfloat16, pw, platform="gpu").reason == \
+        "default config"
+    cfg = api.TritonConfig(block_m=16, block_n=32, block_k=64, split_k=2, num_warps=4,
+                           num_stages=2)
+    path = tuning.record({tuning.key(pw.format, jnp.bfloat16, m, pw.k, pw.n):
+                          dict(backend="triton", config=cfg.to_dict(), device="test")}, "test")
+    assert path == str(tmp_path / "quantized_matmul.json") and (tmp_path / "quantized_matmul.json").exists()
+    sel = api.select_implementation((m, 256), jnp.bfloat16, pw, platform="gpu")
+    assert sel.backend == "triton" and sel.config == cfg and sel.reason.startswith("tuned")
+    fmt, dt, mb, k, n = some_key.split("|")
+    assert tuning.lookup(fmt, dt, int(mb[1:]), int(k[1:]), int(n[1:])) == shipped[some_key]
+    # a user entry for a shipped key replaces it
+    tuning.record({some_key: dict(backend="xla", config=None, device="test")}, "test")
+    assert tuning.lookup(fmt, dt, int(mb[1:]), int(k[1:]), int(n[1:]))["backend"] == "xla"

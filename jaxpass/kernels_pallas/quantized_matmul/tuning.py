@@ -1,4 +1,10 @@
-"""Per-shape kernel choices measured by ``scripts/bench_matmul.py`` (``tuned_configs.json``).
+"""Per-shape kernel choices measured by ``scripts/bench_matmul.py --tune``.
+
+Two tables on disk, merged at lookup: ``tuned_configs.json`` beside this module (shipped,
+measured on an H100: docs/bench_matmul.md) and this machine's cache (:func:`user_table_path`:
+``$JAXPASS_TUNING_DIR/quantized_matmul.json``, default ``~/.cache/jaxpass/``), which a tuning run
+writes by default and whose entries win. So tuning a user's own shapes or GPU is one command and
+never edits the installed package.
 
 Keys are ``"{format}|{x dtype}|M{m_bucket}|K{k}|N{n}"`` (format as ``PackedWeight.format``, e.g.
 ``int4_g128_sym``); values ``{"backend": "triton" | "xla", "config": {...}, "kernel_us": ..,
@@ -33,13 +39,42 @@ def key(fmt: str, x_dtype, m: int, k: int, n: int) -> str:
     return f"{fmt}|{np.dtype(x_dtype).name}|M{m_bucket(m)}|K{k}|N{n}"
 
 
-@functools.lru_cache(maxsize=1)
-def _table() -> dict:
+def user_table_path() -> str:
+    """This machine's tuning cache (``$JAXPASS_TUNING_DIR`` or ``~/.cache/jaxpass``)."""
+    root = os.environ.get("JAXPASS_TUNING_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "jaxpass")
+    return os.path.join(root, "quantized_matmul.json")
+
+
+def read_entries(path: str) -> dict:
+    """The ``entries`` of a table file ({} when the file does not exist)."""
     try:
-        with open(TUNED_PATH) as f:
+        with open(path) as f:
             return json.load(f).get("entries", {})
     except FileNotFoundError:
         return {}
+
+
+@functools.lru_cache(maxsize=1)
+def _table() -> dict:
+    table = read_entries(TUNED_PATH)
+    table.update(read_entries(user_table_path()))
+    return table
+
+
+def record(entries: dict, device: str, path: str | None = None) -> str:
+    """Merges measured ``entries`` into the table at ``path`` (default: this machine's cache),
+    and makes the next lookup see them. Returns the path written."""
+    path = path or user_table_path()
+    table = read_entries(path)
+    table.update(entries)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(dict(note="written by scripts/bench_matmul.py --tune; keys: "
+                            "format|x dtype|M bucket|K|N", device=device, entries=table),
+                  f, indent=1, sort_keys=True)
+    _table.cache_clear()
+    return path
 
 
 def lookup(fmt: str, x_dtype, m: int, k: int, n: int) -> dict | None:
