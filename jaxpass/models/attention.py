@@ -38,8 +38,9 @@ from jaxpass.core.ops import define_op
 # only its own scores, so each row's result is unchanged, and a long prefill no longer holds
 # ``b * h * t * L * 4`` bytes at once (8K tokens, 9 heads: 2.4 GB per layer). Per backend,
 # measured (docs/kv_cache.md): on a 2-core CPU at 8192 tokens with SmolLM2's 9 heads one layer
-# went from 16.9 s to 6.8 s with 256 MiB chunks; on an H100 the loop costs prefill speed, so
-# accelerators chunk only far larger score tensors. ``MAX_SCORE_BYTES`` overrides both.
+# went from 17.2 s to 7.1 s with 256 MiB chunks; on an H100 (batch 32, 2K prompt) 4 GiB chunks
+# cost 4-9% of prefill speed and save 4-16 GiB of peak, so accelerators chunk only far larger
+# score tensors. ``MAX_SCORE_BYTES`` overrides both.
 MAX_SCORE_BYTES: int | None = None
 DEFAULT_SCORE_BYTES = {"cpu": 256 * 2 ** 20}
 ACCELERATOR_SCORE_BYTES = 4 * 2 ** 30
@@ -94,7 +95,7 @@ def over_query_chunks(fn, queries, *, keys_length: int, heads: int, out_axes,
 
 def _attend(q, k, v, q_pos, k_pos, scale, sliding_window):
     """Grouped-query softmax attention of q ``[b,t,h,d]`` over k/v ``[b,L,kvh,d]`` (in query
-    chunks when the scores would pass ``MAX_SCORE_BYTES``).
+    chunks when the scores would pass :func:`max_score_bytes`).
 
     ``q_pos`` ``[b, t]`` and ``k_pos`` ``[b, L]`` are absolute positions; a key is visible when
     ``k_pos <= q_pos`` (and within the sliding window).

@@ -20,8 +20,9 @@ class DecodeConfig:
     update per step (2: the same with the dequantization in 16-bit arithmetic, a few more
     roundings per key); 0 works one key group at a time with the scales folded into the query
     (fewer roundings, many more small dots); 3 keeps the scales on the query side but runs one
-    dot per plane for all the groups of a step (each token keeps its own group's rows). H100, 32K (docs/decode_attention.md): KIVI-4
-    839 us with 0, 285-293 us with 1, 283 us with 2.
+    dot per plane for all the groups of a step (each token keeps its own group's rows). H100,
+    32K (docs/decode_attention.md): KIVI-4 839 us with 0, 285-293 us with 1, 283 us with 2; 3
+    not yet timed on a GPU.
     """
 
     block_k: int = 128

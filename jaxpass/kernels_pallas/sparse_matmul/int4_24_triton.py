@@ -103,8 +103,8 @@ def _kernel(x_ref, codes_ref, meta_ref, s_ref, o_ref, *, m, n, k, gsize, bm, bn,
     acc0 = (tuple(jnp.zeros((bn,), jnp.float32) for _ in range(bm)) if gemv
             else jnp.zeros((bm, bn), jnp.float32))
     acc = triton_common.prefetched_loop(steps, load, compute_step, acc0, prefetch)
-    triton_common.store_block(o_ref, acc, gemv=gemv, split=split, pid_s=pid_s, m0=m0, n0=n0, bm=bm,
-                          bn=bn, m=m, n_ok=n_ok)
+    triton_common.store_block(o_ref, acc, gemv=gemv, split=split, pid_s=pid_s, m0=m0, n0=n0,
+                              bm=bm, bn=bn, m=m, n_ok=n_ok)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))

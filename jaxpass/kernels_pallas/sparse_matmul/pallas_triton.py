@@ -89,8 +89,8 @@ def _kernel(x_ref, v0_ref, v1_ref, meta_ref, o_ref, *, m, n, k, bm, bn, groups, 
     acc0 = (tuple(jnp.zeros((bn,), jnp.float32) for _ in range(bm)) if gemv
             else jnp.zeros((bm, bn), jnp.float32))
     acc = lax.fori_loop(0, steps, body, acc0)
-    triton_common.store_block(o_ref, acc, gemv=gemv, split=split, pid_s=pid_s, m0=m0, n0=n0, bm=bm,
-                          bn=bn, m=m, n_ok=n_ok)
+    triton_common.store_block(o_ref, acc, gemv=gemv, split=split, pid_s=pid_s, m0=m0, n0=n0,
+                              bm=bm, bn=bn, m=m, n_ok=n_ok)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))

@@ -4,8 +4,9 @@
 Both walk K in steps of ``8 * groups``, each step two half-steps (groups ``g0`` and ``g0 + K/8``,
 paired in one metadata byte); per half-step a group of 4 keeps two values ``v0, v1`` at
 positions ``i0 < i1``. This module holds the config rules and default tiles, and the arithmetic
-of one half-step (the block store is ``triton_common.store_block``): the row-reduce form for M <= 8 (gather the activation at each kept position)
-and the tensor-core form (rebuild the four dense tiles, four dots).
+of one half-step: the row-reduce form for M <= 8 (gather the activation at each kept position)
+and the tensor-core form (rebuild the four dense tiles, four dots). The block store is
+``triton_common.store_block``.
 """
 
 from __future__ import annotations
